@@ -1,0 +1,286 @@
+"""Parse OpenAI-style inference requests into an :class:`LLMRequest`.
+
+Supports ``/v1/completions`` (string, list of strings, token ids, lists of token ids),
+``/v1/chat/completions`` (string or content-part messages, ``tools``) and a minimal
+``/v1/responses``. Any other path with a JSON body that names a ``model`` is routed as a
+generic request. The body is decoded once, with msgspec; the raw bytes are kept so the
+request can be forwarded unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from epp.errors import BadRequestError
+
+_decoder = msgspec.json.Decoder()
+
+
+class RequestKind(enum.Enum):
+    """Which OpenAI API a request targets."""
+
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+    RESPONSES = "responses"
+    OTHER = "other"
+
+
+_KIND_BY_PATH = {
+    "/v1/completions": RequestKind.COMPLETIONS,
+    "/v1/chat/completions": RequestKind.CHAT,
+    "/v1/responses": RequestKind.RESPONSES,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TextPrompt:
+    """A completions prompt given as one or more strings."""
+
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrompt:
+    """A completions prompt given as token ids (one or more sequences)."""
+
+    sequences: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat message; ``text`` is its textual content with content parts joined."""
+
+    role: str
+    text: str
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """A chat conversation (also used for ``/v1/responses`` input), with tools if any."""
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[Any, ...] = ()
+
+
+Prompt = TextPrompt | TokenPrompt | ChatPrompt
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    """A parsed inference request, as the director and scheduler see it."""
+
+    kind: RequestKind
+    path: str
+    model: str
+    body: dict[str, Any]
+    raw_body: bytes
+    prompt: Prompt | None
+    stream: bool = False
+    include_usage: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def prompt_chars(self) -> int:
+        """Characters of prompt text (token prompts count 4 characters a token)."""
+        prompt = self.prompt
+        if isinstance(prompt, TextPrompt):
+            return sum(len(t) for t in prompt.texts)
+        if isinstance(prompt, TokenPrompt):
+            return 4 * sum(len(s) for s in prompt.sequences)
+        if isinstance(prompt, ChatPrompt):
+            return sum(len(m.text) for m in prompt.messages)
+        return 0
+
+
+def request_kind(path: str) -> RequestKind:
+    """The API a request path targets (query string ignored)."""
+    return _KIND_BY_PATH.get(path.split("?", 1)[0].rstrip("/"), RequestKind.OTHER)
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body, with a 400 that says what is wrong."""
+    if not raw:
+        raise BadRequestError("request body is empty; expected a JSON object")
+    try:
+        obj = _decoder.decode(raw)
+    except UnicodeDecodeError as exc:  # msgspec raises this for bad bytes inside strings
+        raise BadRequestError("request body is not valid UTF-8") from None
+    except msgspec.DecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise BadRequestError(
+                f"request body is not valid UTF-8 (byte {uexc.start})"
+            ) from None
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequestError(
+            f"request body must be a JSON object, got {_json_type(obj)}"
+        )
+    return obj
+
+
+def parse_request(path: str, raw: bytes, headers: dict[str, str] | None = None) -> LLMRequest:
+    """Parse a request body for routing; raises :class:`BadRequestError`."""
+    body = decode_body(raw)
+    model = body.get("model")
+    if model is None:
+        raise BadRequestError("missing required field 'model'")
+    if not isinstance(model, str) or not model:
+        raise BadRequestError("field 'model' must be a non-empty string")
+    kind = request_kind(path)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequestError("field 'stream' must be a boolean")
+    options = body.get("stream_options")
+    include_usage = (
+        stream and isinstance(options, dict) and options.get("include_usage") is True
+    )
+    if kind is RequestKind.COMPLETIONS:
+        prompt: Prompt | None = _completion_prompt(body)
+    elif kind is RequestKind.CHAT:
+        prompt = _chat_prompt(body)
+    elif kind is RequestKind.RESPONSES:
+        prompt = _responses_prompt(body)
+    else:
+        prompt = _generic_prompt(body)
+    return LLMRequest(
+        kind=kind,
+        path=path,
+        model=model,
+        body=body,
+        raw_body=raw,
+        prompt=prompt,
+        stream=stream,
+        include_usage=include_usage,
+        headers=headers if headers is not None else {},
+    )
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "null"
+    return "an object"
+
+
+def _is_token_list(value: list[Any]) -> bool:
+    return all(type(t) is int and t >= 0 for t in value)
+
+
+def _completion_prompt(body: dict[str, Any]) -> Prompt:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise BadRequestError("missing required field 'prompt'")
+    if isinstance(prompt, str):
+        return TextPrompt((prompt,))
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, str):
+            if not all(isinstance(p, str) for p in prompt):
+                raise BadRequestError("field 'prompt' mixes strings and other values")
+            return TextPrompt(tuple(prompt))
+        if type(first) is int:
+            if not _is_token_list(prompt):
+                raise BadRequestError("field 'prompt' token ids must be non-negative integers")
+            return TokenPrompt((tuple(prompt),))
+        if isinstance(first, list):
+            if not all(isinstance(p, list) and p and _is_token_list(p) for p in prompt):
+                raise BadRequestError(
+                    "field 'prompt' must be a list of non-empty lists of token ids"
+                )
+            return TokenPrompt(tuple(tuple(p) for p in prompt))
+    raise BadRequestError(
+        "field 'prompt' must be a string, a list of strings, or token ids"
+    )
+
+
+def content_text(content: Any, where: str) -> str:
+    """Text of a message ``content``: a string, null, or a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    texts.append(text)
+            else:
+                raise BadRequestError(f"{where}.content[{i}] must be an object")
+        return "".join(texts)
+    raise BadRequestError(f"{where}.content must be a string, an array or null")
+
+
+def _messages(items: list[Any], field_name: str) -> tuple[ChatMessage, ...]:
+    messages = []
+    for i, msg in enumerate(items):
+        where = f"{field_name}[{i}]"
+        if not isinstance(msg, dict):
+            raise BadRequestError(f"{where} must be an object")
+        role = msg.get("role")
+        if not isinstance(role, str):
+            raise BadRequestError(f"{where}.role must be a string")
+        messages.append(ChatMessage(role, content_text(msg.get("content"), where), msg))
+    return tuple(messages)
+
+
+def _tools(body: dict[str, Any]) -> tuple[Any, ...]:
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise BadRequestError("field 'tools' must be an array")
+    return tuple(tools)
+
+
+def _chat_prompt(body: dict[str, Any]) -> Prompt:
+    items = body.get("messages")
+    if items is None:
+        raise BadRequestError("missing required field 'messages'")
+    if not isinstance(items, list) or not items:
+        raise BadRequestError("field 'messages' must be a non-empty array")
+    return ChatPrompt(_messages(items, "messages"), _tools(body))
+
+
+def _responses_prompt(body: dict[str, Any]) -> Prompt:
+    items = body.get("input")
+    if items is None:
+        raise BadRequestError("missing required field 'input'")
+    messages: list[ChatMessage] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append(ChatMessage("system", instructions, {"role": "system"}))
+    if isinstance(items, str):
+        messages.append(ChatMessage("user", items, {"role": "user", "content": items}))
+    elif isinstance(items, list):
+        # Items without a role (function calls, reasoning) carry no prompt text we route on.
+        messages.extend(
+            _messages([m for m in items if isinstance(m, dict) and "role" in m], "input")
+        )
+    else:
+        raise BadRequestError("field 'input' must be a string or an array")
+    return ChatPrompt(tuple(messages), _tools(body))
+
+
+def _generic_prompt(body: dict[str, Any]) -> Prompt | None:
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            return TextPrompt((value,))
+    return None

@@ -1,0 +1,89 @@
+"""The ``epp`` command: flags -> settings -> :func:`epp.runner.build_app`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from epp.config import ConfigError, EppSettings
+from epp.config import settings as defaults
+from epp.discovery.static import EndpointsFileError
+from epp.runner import build_app
+
+log = logging.getLogger("epp")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse command-line flags."""
+    p = argparse.ArgumentParser(prog="epp", description=__doc__)
+    p.add_argument("--endpoints-file", help="static pool: YAML file of endpoints "
+                   "(reloaded when it changes)")
+    p.add_argument("--pool-name", default="default", help="pool name used in metrics")
+    p.add_argument("--bind-address", default="0.0.0.0", help="address all servers bind")
+    p.add_argument("--grpc-port", type=int, default=defaults.DEFAULT_GRPC_PORT,
+                   help="ext_proc gRPC port")
+    p.add_argument("--grpc-health-port", type=int, default=defaults.DEFAULT_HEALTH_PORT,
+                   help="gRPC health port (services liveness, readiness, ext_proc)")
+    p.add_argument("--metrics-port", type=int, default=defaults.DEFAULT_METRICS_PORT,
+                   help="Prometheus /metrics port")
+    p.add_argument("--fallback-endpoints", type=int, default=1,
+                   help="endpoints per answer: primary plus fallbacks, comma-separated")
+    p.add_argument("--max-request-body-bytes", type=int,
+                   default=defaults.DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413")
+    p.add_argument("--shutdown-grace-seconds", type=float,
+                   default=defaults.DEFAULT_SHUTDOWN_GRACE_S,
+                   help="on SIGTERM, how long in-flight streams may take to finish")
+    p.add_argument("--seed", type=int, default=None, help="random seed for the picker")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> EppSettings:
+    """Validated settings from parsed flags."""
+    return EppSettings(
+        endpoints_file=args.endpoints_file,
+        bind_address=args.bind_address,
+        grpc_port=args.grpc_port,
+        health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        pool_name=args.pool_name,
+        fallback_endpoints=args.fallback_endpoints,
+        max_body_bytes=args.max_request_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_seconds,
+        seed=args.seed,
+    )
+
+
+async def serve(settings: EppSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    app = build_app(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
+    await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``epp`` console script."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        asyncio.run(serve(settings))
+    except (ConfigError, EndpointsFileError) as exc:
+        print(f"epp: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"epp: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,58 @@
+"""One model-server endpoint (a pod's port, i.e. one data-parallel rank)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+ROLE_LABEL = "llm-d.ai/role"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``ip:port`` (IPv6 as ``[ip]:port``) and validate both parts."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address {address!r} must be ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"address {address!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"address {address!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """A model server endpoint as discovery reports it.
+
+    ``address`` is what goes into ``x-gateway-destination-endpoint``; ``kv_events`` is the
+    ZMQ address its engine publishes KV events on, when known.
+    """
+
+    name: str
+    address: str
+    labels: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    kv_events: str | None = None
+    ip: str = field(init=False)
+    port: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ip, self.port = parse_address(self.address)
+
+    @property
+    def role(self) -> str:
+        """Role from the ``llm-d.ai/role`` label; unlabelled endpoints serve both."""
+        return self.labels.get(ROLE_LABEL, "both")
+
+    def same_spec(self, other: Endpoint) -> bool:
+        """Whether discovery would describe both the same way."""
+        return (
+            self.address == other.address
+            and self.labels == other.labels
+            and self.model == other.model
+            and self.kv_events == other.kv_events
+        )

@@ -1,0 +1,100 @@
+"""The endpoint pool: written by discovery, read (as snapshots) by scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from epp.datastore.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+PoolListener = Callable[[tuple[Endpoint, ...]], None]
+
+
+class EndpointPool:
+    """Endpoints by name. Reads are lock-free snapshots (an immutable tuple rebuilt on
+    change), so the request path never copies or locks the pool."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Endpoint] = {}
+        self._snapshot: tuple[Endpoint, ...] = ()
+        self._listeners: list[PoolListener] = []
+        self._populated = asyncio.Event()
+        self._synced = False
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        """The current endpoints (do not mutate)."""
+        return self._snapshot
+
+    def get(self, name: str) -> Endpoint | None:
+        """The endpoint called ``name``, if present."""
+        return self._by_name.get(name)
+
+    def __len__(self) -> int:
+        return len(self._snapshot)
+
+    @property
+    def synced(self) -> bool:
+        """True once discovery has completed its first full listing."""
+        return self._synced
+
+    def mark_synced(self) -> None:
+        """Discovery calls this after its first complete sync."""
+        self._synced = True
+        self._notify()
+
+    def add_listener(self, listener: PoolListener) -> None:
+        """Call ``listener(snapshot)`` after every change."""
+        self._listeners.append(listener)
+
+    def upsert(self, endpoint: Endpoint) -> bool:
+        """Add or replace an endpoint; returns whether anything changed."""
+        current = self._by_name.get(endpoint.name)
+        if current is not None and current.same_spec(endpoint):
+            return False
+        self._by_name[endpoint.name] = endpoint
+        self._rebuild()
+        return True
+
+    def remove(self, name: str) -> bool:
+        """Remove an endpoint by name; returns whether it was present."""
+        if self._by_name.pop(name, None) is None:
+            return False
+        self._rebuild()
+        return True
+
+    def replace_all(self, endpoints: Iterable[Endpoint]) -> bool:
+        """Make the pool exactly ``endpoints`` in one step (no half-updated pool)."""
+        wanted = {e.name: e for e in endpoints}
+        if wanted.keys() == self._by_name.keys() and all(
+            self._by_name[n].same_spec(e) for n, e in wanted.items()
+        ):
+            return False
+        # Keep the existing objects for unchanged endpoints so state attached to them stays.
+        self._by_name = {
+            n: (self._by_name[n] if n in self._by_name and self._by_name[n].same_spec(e) else e)
+            for n, e in wanted.items()
+        }
+        self._rebuild()
+        return True
+
+    async def wait_populated(self) -> None:
+        """Wait until the pool has at least one endpoint."""
+        await self._populated.wait()
+
+    def _rebuild(self) -> None:
+        self._snapshot = tuple(sorted(self._by_name.values(), key=lambda e: e.name))
+        if self._snapshot:
+            self._populated.set()
+        else:
+            self._populated.clear()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener(self._snapshot)
+            except Exception:  # a broken listener must not break discovery
+                log.exception("pool listener failed")

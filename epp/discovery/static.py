@@ -1,0 +1,144 @@
+"""Static discovery from an endpoints YAML file, reloaded when the file changes.
+
+File format::
+
+    endpoints:
+      - name: vllm-0                      # unique
+        address: 10.0.0.5:8000            # ip:port, what Envoy connects to
+        labels: {llm-d.ai/role: decode}   # optional
+        model: Qwen/Qwen3-8B              # optional
+        kvEvents: tcp://10.0.0.5:5557     # optional: the engine's KV-event publisher
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.datastore import Endpoint, EndpointPool
+
+log = logging.getLogger(__name__)
+
+# How often the file's mtime is checked; cheap (one stat) and fast enough for hand edits.
+DEFAULT_RELOAD_INTERVAL_S = 1.0
+_ENDPOINT_KEYS = {"name", "address", "labels", "model", "kvEvents"}
+
+
+class EndpointsFileError(ValueError):
+    """The endpoints file is unreadable or invalid; the message names the field."""
+
+
+def parse_endpoints(text: str, source: str = "endpoints file") -> list[Endpoint]:
+    """Parse and validate endpoints YAML; raises :class:`EndpointsFileError`."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EndpointsFileError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("endpoints"), list):
+        raise EndpointsFileError(f"{source}: expected a mapping with an 'endpoints' list")
+    endpoints: list[Endpoint] = []
+    seen: set[str] = set()
+    for i, item in enumerate(doc["endpoints"]):
+        endpoints.append(_parse_one(item, f"{source}: endpoints[{i}]", seen))
+    return endpoints
+
+
+def _parse_one(item: Any, where: str, seen: set[str]) -> Endpoint:
+    if not isinstance(item, dict):
+        raise EndpointsFileError(f"{where}: must be a mapping")
+    unknown = set(item) - _ENDPOINT_KEYS
+    if unknown:
+        raise EndpointsFileError(f"{where}: unknown field(s) {sorted(unknown)}")
+    address = item.get("address")
+    if not isinstance(address, str):
+        raise EndpointsFileError(f"{where}.address: required, as ip:port")
+    name = item.get("name", address)
+    if not isinstance(name, str) or not name:
+        raise EndpointsFileError(f"{where}.name: must be a non-empty string")
+    if name in seen:
+        raise EndpointsFileError(f"{where}.name: duplicate name {name!r}")
+    seen.add(name)
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise EndpointsFileError(f"{where}.labels: must map strings to strings")
+    model = item.get("model")
+    if model is not None and not isinstance(model, str):
+        raise EndpointsFileError(f"{where}.model: must be a string")
+    kv_events = item.get("kvEvents")
+    if kv_events is not None and not isinstance(kv_events, str):
+        raise EndpointsFileError(f"{where}.kvEvents: must be a string like tcp://ip:port")
+    try:
+        return Endpoint(name=name, address=address, labels=labels, model=model,
+                        kv_events=kv_events)
+    except ValueError as exc:
+        raise EndpointsFileError(f"{where}.address: {exc}") from None
+
+
+def load_endpoints_file(path: str | os.PathLike[str]) -> list[Endpoint]:
+    """Read and parse an endpoints file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EndpointsFileError(f"{path}: cannot read: {exc}") from None
+    return parse_endpoints(text, str(path))
+
+
+class StaticDiscovery:
+    """Feeds the pool from an endpoints file; on edits, applies the new list atomically.
+
+    An invalid edit is logged and ignored: the pool keeps the last good list.
+    """
+
+    def __init__(self, pool: EndpointPool, path: str | os.PathLike[str],
+                 reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S) -> None:
+        self._pool = pool
+        self._path = Path(path)
+        self._interval = reload_interval_s
+        self._mtime: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the file (errors propagate: a bad file fails start-up) and watch it."""
+        self._mtime = self._stat()
+        self._pool.replace_all(load_endpoints_file(self._path))
+        self._pool.mark_synced()
+        log.info("loaded %d endpoints from %s", len(self._pool), self._path)
+        if self._interval > 0:
+            self._task = asyncio.create_task(self._watch(), name="static-discovery")
+
+    async def stop(self) -> None:
+        """Stop watching the file."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _stat(self) -> float | None:
+        try:
+            return self._path.stat().st_mtime
+        except OSError:
+            return None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            mtime = self._stat()
+            if mtime is None or mtime == self._mtime:
+                continue
+            self._mtime = mtime
+            try:
+                endpoints = load_endpoints_file(self._path)
+            except EndpointsFileError as exc:
+                log.error("ignoring edit, keeping %d endpoints: %s", len(self._pool), exc)
+                continue
+            if self._pool.replace_all(endpoints):
+                log.info("reloaded %d endpoints from %s", len(self._pool), self._path)

@@ -1,0 +1,1 @@
+"""Envoy ext_proc: the gRPC servicer and the per-stream protocol state machine."""

@@ -1,0 +1,243 @@
+"""The per-stream ext_proc state machine: what Envoy has sent and what we owe it.
+
+Request state (model, prompt, chosen endpoints) belongs to the director; this module only
+tracks the protocol: which phase the stream is in, the request body collected so far, and
+whether each direction runs in duplex-streamed or buffered mode.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+from epp.errors import PayloadTooLargeError, RequestError
+from epp.extproc import messages as msg
+
+log = logging.getLogger(__name__)
+
+BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
+DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+NONE_MODE = processing_mode_pb2.ProcessingMode.NONE
+
+# The largest request body we buffer. Envoy's own BUFFERED limit is 1 MiB by default;
+# duplex mode has none, and a 128k-token prompt is about 0.5 MB, so 16 MiB is generous.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class RoutedRequest(Protocol):
+    """What the director hands back for a routed request."""
+
+    destination: str
+    set_headers: Mapping[str, str]
+    remove_headers: Sequence[str]
+
+    def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None: ...
+
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None: ...
+
+    def on_done(self, completed: bool) -> None: ...
+
+
+class Director(Protocol):
+    """The request-control layer, as the stream handler needs it."""
+
+    async def route(
+        self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
+    ) -> RoutedRequest: ...
+
+    def on_rejected(self, headers: Mapping[str, str], error: RequestError) -> None: ...
+
+
+class Phase(enum.Enum):
+    """Where a stream is in the HTTP exchange."""
+
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    UPSTREAM = "upstream"  # routed; request and response flowing through Envoy
+    CLOSED = "closed"  # answered with an immediate response; nothing more is owed
+
+
+class ProtocolError(Exception):
+    """Envoy sent something the protocol does not allow at this point."""
+
+
+def _details(text: str) -> str:
+    # Envoy's response-code details must not contain whitespace.
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text)[:120]
+
+
+class ProtocolStream:
+    """One ext_proc stream. Feed it each ProcessingRequest; it returns what to send back."""
+
+    def __init__(
+        self,
+        director: Director,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        default_request_body_mode: int = DUPLEX,
+        default_response_body_mode: int = DUPLEX,
+    ) -> None:
+        self._director = director
+        self._max_body = max_body_bytes
+        self._request_mode = default_request_body_mode
+        self._response_mode = default_response_body_mode
+        self.phase = Phase.REQUEST_HEADERS
+        self._headers: dict[str, str] = {}
+        self._subset: list[str] | None = None
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._routed: RoutedRequest | None = None
+        self._completed = False
+
+    @property
+    def routed(self) -> RoutedRequest | None:
+        """The director's handle for this request, once routed."""
+        return self._routed
+
+    async def handle(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+        """Process one message from Envoy; never raises (errors become immediate responses)."""
+        if self.phase is Phase.CLOSED:
+            return []  # after an immediate response Envoy may still flush messages
+        kind = request.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return await self._on_request_headers(request)
+            if kind == "request_body":
+                return await self._on_request_body(request.request_body)
+            if kind == "request_trailers":
+                return await self._on_request_trailers()
+            if kind == "response_headers":
+                return self._on_response_headers(request.response_headers)
+            if kind == "response_body":
+                return self._on_response_body(request.response_body)
+            if kind == "response_trailers":
+                self._finish(completed=True)
+                return [msg.EMPTY_RESPONSE_TRAILERS]
+            raise ProtocolError(f"unexpected message {kind!r}")
+        except RequestError as exc:
+            return [self._refuse(exc)]
+        except Exception:
+            log.exception("ext_proc stream failed in phase %s", self.phase.value)
+            return [self._refuse(RequestError("internal error in the endpoint picker"))]
+
+    def close(self) -> None:
+        """The gRPC stream ended (normally or not): release the request's state."""
+        self._finish(completed=self._completed)
+
+    # -- request path ---------------------------------------------------------------
+
+    async def _on_request_headers(
+        self, request: msg.ProcessingRequest
+    ) -> list[msg.ProcessingResponse]:
+        if self.phase is not Phase.REQUEST_HEADERS:
+            raise ProtocolError("request headers received twice")
+        if request.HasField("protocol_config"):
+            cfg = request.protocol_config
+            self._request_mode = cfg.request_body_mode
+            self._response_mode = cfg.response_body_mode
+        self._headers = msg.read_headers(request.request_headers.headers)
+        self._subset = msg.read_subset_hint(request)
+        if request.request_headers.end_of_stream:
+            # No body (GET /v1/models and the like): pick now.
+            routed = await self._route(None)
+            self.phase = Phase.UPSTREAM
+            return [msg.routed_headers_response(
+                routed.destination, routed.set_headers, routed.remove_headers)]
+        if self._request_mode == DUPLEX:
+            self.phase = Phase.REQUEST_BODY
+            return []  # the headers answer waits until the body is complete
+        if self._request_mode == BUFFERED:
+            self.phase = Phase.REQUEST_BODY
+            return [msg.EMPTY_REQUEST_HEADERS]
+        raise RequestError(
+            "ext_proc request_body_mode must be FULL_DUPLEX_STREAMED or BUFFERED "
+            f"to route on the body (got {BodyMode.Name(self._request_mode)})"
+        )
+
+    async def _on_request_body(self, body: msg.pb.HttpBody) -> list[msg.ProcessingResponse]:
+        if self.phase is not Phase.REQUEST_BODY:
+            raise ProtocolError(f"request body received in phase {self.phase.value}")
+        if body.body:
+            self._body_len += len(body.body)
+            if self._body_len > self._max_body:
+                raise PayloadTooLargeError(
+                    f"request body exceeds {self._max_body} bytes"
+                )
+            self._body.append(body.body)
+        if not body.end_of_stream:
+            return []
+        return await self._route_with_body(end_of_stream=True)
+
+    async def _on_request_trailers(self) -> list[msg.ProcessingResponse]:
+        if self.phase is Phase.REQUEST_BODY:
+            # Trailers end the body; route now, then acknowledge them.
+            out = await self._route_with_body(end_of_stream=False)
+            return [*out, msg.EMPTY_REQUEST_TRAILERS]
+        return [msg.EMPTY_REQUEST_TRAILERS]
+
+    async def _route_with_body(self, *, end_of_stream: bool) -> list[msg.ProcessingResponse]:
+        raw = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
+        routed = await self._route(raw or None)
+        self.phase = Phase.UPSTREAM
+        if self._request_mode == BUFFERED:
+            return [msg.routed_body_response(
+                routed.destination, routed.set_headers, routed.remove_headers)]
+        # Duplex: headers answer first, then the body. The body is re-sent without a
+        # content-length, so Envoy forwards it chunked.
+        remove = ("content-length", *routed.remove_headers)
+        return [
+            msg.routed_headers_response(routed.destination, routed.set_headers, remove),
+            *msg.streamed_body_chunks(raw, end_of_stream=end_of_stream),
+        ]
+
+    async def _route(self, body: bytes | None) -> RoutedRequest:
+        routed = await self._director.route(self._headers, body, self._subset)
+        self._routed = routed
+        return routed
+
+    # -- response path --------------------------------------------------------------
+
+    def _on_response_headers(self, headers: msg.pb.HttpHeaders) -> list[msg.ProcessingResponse]:
+        values = msg.read_headers(headers.headers)
+        routed = self._routed
+        if routed is not None:
+            status_text = values.get(":status", "0")
+            routed.on_response_headers(int(status_text) if status_text.isdigit() else 0, values)
+            if headers.end_of_stream:
+                routed.on_response_body(b"", True)
+        if headers.end_of_stream:
+            self._finish(completed=True)
+        return [msg.EMPTY_RESPONSE_HEADERS]
+
+    def _on_response_body(self, body: msg.pb.HttpBody) -> list[msg.ProcessingResponse]:
+        if self._routed is not None:
+            self._routed.on_response_body(body.body, body.end_of_stream)
+        if body.end_of_stream:
+            self._finish(completed=True)
+        if self._response_mode == DUPLEX:
+            return [msg.response_body_echo(body.body, body.end_of_stream)]
+        return [msg.EMPTY_RESPONSE_BODY]
+
+    # -- endings --------------------------------------------------------------------
+
+    def _refuse(self, error: RequestError) -> msg.ProcessingResponse:
+        if self._routed is None:
+            self._director.on_rejected(self._headers, error)
+        self._finish(completed=False)
+        self.phase = Phase.CLOSED
+        return msg.immediate_response(
+            error.status, error.body(), _details(f"epp_{error.status}_{error.message}")
+        )
+
+    def _finish(self, *, completed: bool) -> None:
+        self._completed = self._completed or completed
+        routed, self._routed = self._routed, None
+        if routed is not None:
+            routed.on_done(self._completed)

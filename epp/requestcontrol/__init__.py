@@ -1,0 +1,1 @@
+"""Request control: the director between the Envoy stream and the scheduler."""

@@ -1,0 +1,119 @@
+"""Build, start and stop one endpoint picker. No module-level state: two apps can share
+a process (the tests do)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epp.config import EppSettings
+from epp.datastore import Endpoint, EndpointPool
+from epp.discovery.static import StaticDiscovery
+from epp.extproc.server import ExtProcServicer, add_to_server
+from epp.observability.health import HealthReporter
+from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.director import Director
+from epp.scheduling.random_picker import RandomScheduler
+
+log = logging.getLogger(__name__)
+
+_GRPC_OPTIONS = [
+    # A 62,000-byte body chunk plus headers fits easily; allow Envoy's larger messages.
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class App:
+    """One endpoint picker: pool, discovery, director, gRPC and metrics servers."""
+
+    def __init__(self, settings: EppSettings) -> None:
+        self.settings = settings
+        self.pool = EndpointPool()
+        self.metrics = EppMetrics()
+        self.health = HealthReporter()
+        assert settings.endpoints_file is not None  # validated by EppSettings
+        self.discovery = StaticDiscovery(self.pool, settings.endpoints_file,
+                                         settings.endpoints_reload_s)
+        scheduler = RandomScheduler(settings.fallback_endpoints, settings.seed)
+        self.director = Director(self.pool, scheduler, self.metrics)
+        self.servicer = ExtProcServicer(self.director, max_body_bytes=settings.max_body_bytes)
+        self._grpc: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start serving. Discovery errors (a bad endpoints file) propagate."""
+        s = self.settings
+        await self.health.start()
+        self.pool.add_listener(self._on_pool_change)
+        await self.discovery.start()
+
+        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        add_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
+        self.grpc_port = self._bind(self._grpc, s.grpc_port)
+        self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+        self.health_port = self._bind(self._health_server, s.health_port)
+        await self._grpc.start()
+        await self._health_server.start()
+        self.metrics_port = await self._start_metrics()
+        self._on_pool_change(self.pool.snapshot())
+        log.info("endpoint picker serving: ext_proc :%d, health :%d, metrics :%d",
+                 self.grpc_port, self.health_port, self.metrics_port)
+
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        bound = server.add_insecure_port(f"{self.settings.bind_address}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {self.settings.bind_address}:{port}")
+        return bound
+
+    async def _start_metrics(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
+        await site.start()
+        server = site._server  # aiohttp exposes bound sockets only here
+        assert server is not None and server.sockets
+        return int(server.sockets[0].getsockname()[1])
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _on_pool_change(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self.metrics.ready_pods.labels(self.settings.pool_name).set(len(endpoints))
+        self.health.set_ready(bool(endpoints) and self.pool.synced)
+
+    async def stop(self) -> None:
+        """Graceful stop: report NOT_SERVING, let in-flight streams finish (bounded)."""
+        await self.health.shutting_down()
+        grace = self.settings.shutdown_grace_s
+        servers = [s for s in (self._grpc, self._health_server) if s is not None]
+        await asyncio.gather(*(s.stop(grace) for s in servers))
+        await self.discovery.stop()
+        if self._http is not None:
+            await self._http.cleanup()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`stop` completes."""
+        await self._stopped.wait()
+
+
+def build_app(settings: EppSettings) -> App:
+    """Construct (not start) an endpoint picker from settings."""
+    return App(settings)

@@ -1,0 +1,1 @@
+"""Scheduling: pick endpoints for a request from candidates and their state."""
