@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="epp", description=__doc__)
     p.add_argument("--endpoints-file", help="static pool: YAML file of endpoints "
                    "(reloaded when it changes)")
+    p.add_argument("--endpoints-reload-seconds", type=float, default=1.0,
+                   help="how often the endpoints file is checked for changes (0: never)")
     p.add_argument("--pool-name", default="default", help="pool name used in metrics")
     p.add_argument("--bind-address", default="0.0.0.0", help="address all servers bind")
     p.add_argument("--grpc-port", type=int, default=defaults.DEFAULT_GRPC_PORT,
@@ -56,6 +58,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_grace_seconds,
         seed=args.seed,
+        endpoints_reload_s=args.endpoints_reload_seconds,
     )
 
 

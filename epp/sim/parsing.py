@@ -1,0 +1,208 @@
+"""Parsing of OpenAI requests as vLLM accepts them, into engine ``GenerationRequest``s.
+
+Pure functions (dict in, dataclass out); every rejection is an ``ApiError`` that the
+HTTP layer turns into a vLLM-shaped JSON error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from epp.sim.engine import ChatMessage, GenerationRequest, render_chat_prompt
+from epp.sim.formatting import JsonObject, error_body
+
+
+class ApiError(Exception):
+    """A request failure that becomes a vLLM-shaped JSON error response."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> JsonObject:
+        """The JSON error body for this failure."""
+        return error_body(self.status, self.message, param=self.param)
+
+
+def decode_json_object(body: bytes) -> JsonObject:
+    """Parse a request body that must be a JSON object, or raise a 400 ``ApiError``."""
+    try:
+        payload = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ApiError(400, f"Invalid JSON body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"Request body must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What a completions or chat request asks for, independent of the endpoint."""
+
+    model: str
+    generations: tuple[GenerationRequest, ...]
+    stream: bool
+    include_usage: bool
+
+
+Parser = Callable[[JsonObject, Sequence[str], int], ParsedRequest]
+
+
+def parse_completions(
+    payload: JsonObject, served_models: Sequence[str], default_max_tokens: int
+) -> ParsedRequest:
+    """Parse a ``/v1/completions`` body; a list of prompts becomes a batch (one choice each)."""
+    if "prompt" not in payload or payload["prompt"] is None:
+        raise ApiError(400, "Field 'prompt' is required", param="prompt")
+    max_tokens = _max_tokens(payload, ("max_tokens",), default_max_tokens)
+    stream, include_usage = _stream_flags(payload)
+    generations = tuple(
+        GenerationRequest(prompt_text=text, prompt_token_ids=ids, max_tokens=max_tokens)
+        for text, ids in _prompts(payload["prompt"])
+    )
+    # Like vLLM: a malformed body is a 400 even when the model is unknown too.
+    return ParsedRequest(_model(payload, served_models), generations, stream, include_usage)
+
+
+def parse_chat(
+    payload: JsonObject, served_models: Sequence[str], default_max_tokens: int
+) -> ParsedRequest:
+    """Parse a ``/v1/chat/completions`` body into one generation over the rendered chat."""
+    messages = payload.get("messages")
+    if messages is None:
+        raise ApiError(400, "Field 'messages' is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    tools = payload.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+    ):
+        raise ApiError(400, "'tools' must be a list of objects", param="tools")
+    # vLLM prefers max_completion_tokens; max_tokens is the deprecated spelling.
+    max_tokens = _max_tokens(payload, ("max_completion_tokens", "max_tokens"), default_max_tokens)
+    stream, include_usage = _stream_flags(payload)
+    prompt = render_chat_prompt([_chat_message(i, m) for i, m in enumerate(messages)], tools)
+    generation = GenerationRequest(prompt_text=prompt, max_tokens=max_tokens)
+    return ParsedRequest(_model(payload, served_models), (generation,), stream, include_usage)
+
+
+def _model(payload: JsonObject, served_models: Sequence[str]) -> str:
+    model = payload.get("model")
+    if model is None:  # vLLM serves model-less requests with its first served name
+        return served_models[0]
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    if model not in served_models:
+        raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+    return model
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _max_tokens(payload: JsonObject, fields: Sequence[str], default: int) -> int:
+    for name in fields:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise ApiError(400, f"'{name}' must be an integer >= 1, got {value!r}", param=name)
+        return int(value)
+    return default
+
+
+def _stream_flags(payload: JsonObject) -> tuple[bool, bool]:
+    stream = payload.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
+    options = payload.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    if not stream:  # same rule as vLLM's request validation
+        raise ApiError(
+            400, "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(
+            400, "'stream_options.include_usage' must be a boolean", param="stream_options"
+        )
+    return stream, bool(include_usage)
+
+
+def _prompts(prompt: object) -> list[tuple[str | None, tuple[int, ...] | None]]:
+    """Normalize the four prompt forms into (text, token ids) pairs, one per prompt."""
+    if isinstance(prompt, str):
+        return [(prompt, None)]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(
+            400,
+            "'prompt' must be a string, a list of strings, or a non-empty list of token ids "
+            "(or of token id lists)",
+            param="prompt",
+        )
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, None) for p in prompt]
+    if all(_is_int(p) for p in prompt):
+        return [(None, _token_ids(prompt))]
+    if all(isinstance(p, list) for p in prompt):
+        return [(None, _token_ids(p)) for p in prompt]
+    raise ApiError(
+        400, "'prompt' must not mix strings, token ids and token id lists", param="prompt"
+    )
+
+
+def _token_ids(ids: list[Any]) -> tuple[int, ...]:
+    if not ids:
+        raise ApiError(400, "A token id prompt must not be empty", param="prompt")
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ApiError(400, "Token ids must be non-negative integers", param="prompt")
+    return tuple(ids)
+
+
+def _chat_message(index: int, message: object) -> ChatMessage:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ApiError(400, f"{param} must be an object", param=param)
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise ApiError(400, f"{param}.role must be a non-empty string", param=param)
+    text = _content_text(message.get("content"), param)
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        # Tool calls are part of the prompt the model sees, so they count as tokens.
+        text += msgspec.json.encode(tool_calls).decode()
+    return ChatMessage(role=role, text=text)
+
+
+def _content_text(content: object, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ApiError(400, f"{param}.content must be a string or a list of parts", param=param)
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ApiError(
+                400, f"{param}.content parts must be objects with a 'type'", param=param
+            )
+        if part["type"] == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ApiError(
+                    400, f"{param}.content text parts need a string 'text'", param=param
+                )
+            texts.append(text)
+        # Non-text parts (images, audio) carry no text for this token estimate.
+    return "\n".join(texts)
