@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from epp.datastore.metrics import EndpointState
+
 ROLE_LABEL = "llm-d.ai/role"
 
 
@@ -39,6 +41,7 @@ class Endpoint:
     kv_events: str | None = None
     ip: str = field(init=False)
     port: int = field(init=False)
+    state: EndpointState = field(default_factory=EndpointState, compare=False)
 
     def __post_init__(self) -> None:
         self.ip, self.port = parse_address(self.address)
@@ -47,6 +50,11 @@ class Endpoint:
     def role(self) -> str:
         """Role from the ``llm-d.ai/role`` label; unlabelled endpoints serve both."""
         return self.labels.get(ROLE_LABEL, "both")
+
+    def metrics_stale(self, now: float, max_age: float) -> bool:
+        """Whether the last successful scrape is older than ``max_age`` seconds."""
+        scraped = self.state.metrics.scraped_at
+        return scraped == 0.0 or now - scraped > max_age
 
     def same_spec(self, other: Endpoint) -> bool:
         """Whether discovery would describe both the same way."""

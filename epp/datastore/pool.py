@@ -54,6 +54,8 @@ class EndpointPool:
         current = self._by_name.get(endpoint.name)
         if current is not None and current.same_spec(endpoint):
             return False
+        if current is not None and current.address == endpoint.address:
+            endpoint.state = current.state  # same server, new labels: keep its load state
         self._by_name[endpoint.name] = endpoint
         self._rebuild()
         return True
@@ -73,10 +75,15 @@ class EndpointPool:
         ):
             return False
         # Keep the existing objects for unchanged endpoints so state attached to them stays.
-        self._by_name = {
-            n: (self._by_name[n] if n in self._by_name and self._by_name[n].same_spec(e) else e)
-            for n, e in wanted.items()
-        }
+        merged: dict[str, Endpoint] = {}
+        for name, new in wanted.items():
+            current = self._by_name.get(name)
+            if current is not None and current.same_spec(new):
+                new = current
+            elif current is not None and current.address == new.address:
+                new.state = current.state
+            merged[name] = new
+        self._by_name = merged
         self._rebuild()
         return True
 

@@ -1,0 +1,50 @@
+"""Per-endpoint load state: what the model server reports, and what the EPP itself sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetrics:
+    """One scrape of a model server's ``/metrics`` (vLLM names in comments).
+
+    Immutable: the datalayer swaps in a new object per scrape, so a scheduling cycle
+    never sees half an update.
+    """
+
+    waiting: int = 0  # vllm:num_requests_waiting
+    running: int = 0  # vllm:num_requests_running
+    kv_cache_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1; older gpu_cache_usage_perc)
+    running_loras: frozenset[str] = frozenset()  # vllm:lora_requests_info running_lora_adapters
+    waiting_loras: frozenset[str] = frozenset()  # ... waiting_lora_adapters
+    max_lora: int = 0  # ... max_lora
+    block_size: int | None = None  # vllm:cache_config_info block_size
+    num_gpu_blocks: int | None = None  # vllm:cache_config_info num_gpu_blocks
+    scraped_at: float = 0.0  # time.monotonic() of the scrape; 0.0 = never scraped
+
+
+@dataclass(slots=True)
+class EndpointLoad:
+    """Requests and prompt tokens the EPP has in flight on an endpoint (this replica
+    only), from routing until the response ends. Reacts before the next scrape does."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.requests += 1
+        self.prompt_tokens += tokens
+
+    def release(self, tokens: int) -> None:
+        self.requests = max(0, self.requests - 1)
+        self.prompt_tokens = max(0, self.prompt_tokens - tokens)
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """Mutable state attached to an endpoint; survives discovery re-listing it."""
+
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    load: EndpointLoad = field(default_factory=EndpointLoad)
+    scrape_error: str | None = None
