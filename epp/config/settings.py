@@ -13,6 +13,13 @@ DEFAULT_METRICS_PORT = 9090
 # In-flight streams get this long to finish on SIGTERM; Kubernetes' default
 # terminationGracePeriodSeconds is 30 s, so stay well inside it.
 DEFAULT_SHUTDOWN_GRACE_S = 15.0
+# vLLM's queue changes within a few decode steps (~10-50 ms each): poll every 100 ms.
+DEFAULT_SCRAPE_INTERVAL_S = 0.1
+# A /metrics page renders in a few ms; a second means the server is in trouble.
+DEFAULT_SCRAPE_TIMEOUT_S = 1.0
+# Five missed polls: one slow scrape must not flip a pod to "stale" (GIE's 200 ms
+# threshold does, and blocks small pools), yet a dead pod is distrusted within 0.5 s.
+DEFAULT_METRICS_STALE_AFTER_S = 0.5
 
 
 class ConfigError(ValueError):
@@ -29,7 +36,12 @@ class EppSettings:
     health_port: int = DEFAULT_HEALTH_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     pool_name: str = "default"
-    fallback_endpoints: int = 1
+    config_file: str | None = None
+    config_text: str | None = None
+    enable_test_endpoint_selection: bool = False
+    metrics_scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+    metrics_scrape_timeout_s: float = DEFAULT_SCRAPE_TIMEOUT_S
+    metrics_stale_after_s: float = DEFAULT_METRICS_STALE_AFTER_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     endpoints_reload_s: float = 1.0
@@ -47,8 +59,14 @@ class EppSettings:
         fixed = [p for p in (self.grpc_port, self.health_port, self.metrics_port) if p]
         if len(set(fixed)) != len(fixed):
             raise ConfigError("grpc_port, health_port and metrics_port must differ")
-        if self.fallback_endpoints < 1:
-            raise ConfigError("fallback_endpoints: must be at least 1")
+        if self.config_file is not None and self.config_text is not None:
+            raise ConfigError("give --config-file or --config-text, not both")
+        if self.metrics_scrape_interval_s <= 0:
+            raise ConfigError("metrics_scrape_interval_s: must be positive")
+        if self.metrics_scrape_timeout_s <= 0:
+            raise ConfigError("metrics_scrape_timeout_s: must be positive")
+        if self.metrics_stale_after_s < self.metrics_scrape_interval_s:
+            raise ConfigError("metrics_stale_after_s: must be at least the scrape interval")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes: must be at least 1024")
         if self.shutdown_grace_s < 0:

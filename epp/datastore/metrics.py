@@ -31,10 +31,13 @@ class EndpointLoad:
 
     requests: int = 0
     prompt_tokens: int = 0
+    # Requests routed here since the last scrape landed: load the scrape cannot show yet.
+    since_scrape: int = 0
 
     def add(self, tokens: int) -> None:
         self.requests += 1
         self.prompt_tokens += tokens
+        self.since_scrape += 1
 
     def release(self, tokens: int) -> None:
         self.requests = max(0, self.requests - 1)
@@ -48,3 +51,9 @@ class EndpointState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     load: EndpointLoad = field(default_factory=EndpointLoad)
     scrape_error: str | None = None
+
+    def update_metrics(self, metrics: ServerMetrics) -> None:
+        """A fresh scrape: it now reflects what was routed before it."""
+        self.metrics = metrics
+        self.load.since_scrape = 0
+        self.scrape_error = None

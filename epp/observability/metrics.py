@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Request latency buckets: 5 ms (cached short answers) to 10 min (long generations).
 _DURATION_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6,
                      60.0, 120.0, 300.0, 600.0)
+# Scheduling buckets: 10 us (one cheap plugin) to 1 s (a pathological cycle).
+_SCHED_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
+                  0.05, 0.1, 0.25, 0.5, 1.0)
 # Token-count buckets: powers of 2 from one token to 128k (the longest contexts served).
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
 
@@ -36,6 +39,24 @@ class EppMetrics:
             labels, buckets=_TOKEN_BUCKETS, registry=r)
         self.ready_pods = Gauge(
             "inference_pool_ready_pods", "Endpoints in the pool.", ("name",), registry=r)
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time of one scheduling cycle (all profiles).",
+            buckets=_SCHED_BUCKETS, registry=r)
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "Time of one plugin call, by extension point and plugin.",
+            ("extension_point", "plugin_type", "plugin_name"), buckets=_SCHED_BUCKETS,
+            registry=r)
         self.picks = Counter(
             "epp_endpoint_picks", "Requests sent to each endpoint (primary pick).",
             ("endpoint",), registry=r)
+        self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
+
+    def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
+        """The scheduler's plugin timer (children cached: labels() is not free)."""
+        key = (point, plugin_type, name)
+        child = self._plugin_children.get(key)
+        if child is None:
+            child = self._plugin_children[key] = self.plugin_duration.labels(*key)
+        child.observe(seconds)

@@ -17,6 +17,9 @@ from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.admission import Admission
+from epp.scheduling.scheduler import NoCandidatesError
+from epp.scheduling.types import SchedulingContext, SchedulingResult
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,28 @@ class EndpointSource(Protocol):
 
 
 class Scheduler(Protocol):
-    """Picks endpoints for a request: primary first, then fallbacks."""
+    """The scheduling framework, as the director uses it."""
 
-    def schedule(
-        self, request: LLMRequest | None, candidates: Sequence[Endpoint]
-    ) -> Sequence[Endpoint]: ...
+    def schedule(self, ctx: SchedulingContext, candidates: Sequence[Endpoint],
+                 explain: bool = False) -> SchedulingResult: ...
+
+
+class PreRequest(Protocol):
+    """Runs after scheduling, before the request leaves; may add request headers."""
+
+    name: str
+
+    def pre_request(self, ctx: SchedulingContext, result: SchedulingResult,
+                    headers: dict[str, str]) -> None: ...
+
+
+class ResponseComplete(Protocol):
+    """Runs once when the response has ended (or the stream was cut)."""
+
+    name: str
+
+    def response_complete(self, ctx: SchedulingContext, result: SchedulingResult,
+                          status: int, usage: Usage | None) -> None: ...
 
 
 def _subset_ips(subset: Sequence[str]) -> set[str]:
@@ -53,31 +73,50 @@ def _subset_ips(subset: Sequence[str]) -> set[str]:
     return ips
 
 
+def estimate_prompt_tokens(request: LLMRequest | None) -> int:
+    """Prompt tokens before tokenization is available: about 4 characters a token."""
+    if request is None:
+        return 0
+    return (request.prompt_chars() + 3) // 4
+
+
 class RequestHandle:
     """A routed request: its destination and what happens to its response."""
 
-    __slots__ = ("request", "endpoints", "destination", "set_headers", "remove_headers",
-                 "status", "usage", "_metrics", "_model", "_start", "_parser", "_done")
+    __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
+                 "remove_headers", "status", "usage", "_director", "_tokens", "_start",
+                 "_parser", "_done")
 
-    def __init__(self, request: LLMRequest | None, endpoints: Sequence[Endpoint],
-                 remove_headers: Sequence[str], metrics: EppMetrics) -> None:
-        self.request = request
-        self.endpoints = tuple(endpoints)
+    def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
+                 remove_headers: Sequence[str], tokens: int) -> None:
+        self.ctx = ctx
+        self.result = result
+        self.endpoints = tuple(result.endpoints)
         self.destination = ",".join(e.address for e in self.endpoints)
         self.set_headers: dict[str, str] = {}
         self.remove_headers = tuple(remove_headers)
         self.status = 0
         self.usage: Usage | None = None
-        self._metrics = metrics
-        self._model = request.model if request is not None else ""
+        self._director = director
+        self._tokens = tokens
         self._start = time.perf_counter()
         self._parser: UsageParser | None = None
         self._done = False
 
+    @property
+    def request(self) -> LLMRequest | None:
+        """The parsed request (None for requests without a body)."""
+        return self.ctx.request
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since routing."""
+        return time.perf_counter() - self._start
+
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None:
         """Upstream answered: remember the status, prepare to read usage."""
         self.status = status
-        if self.request is not None:
+        if self.ctx.request is not None:
             self._parser = UsageParser(headers.get("content-type", ""))
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None:
@@ -89,37 +128,30 @@ class RequestHandle:
                 self.usage = parser.finish()
 
     def on_done(self, completed: bool) -> None:
-        """The stream ended; record metrics once."""
+        """The stream ended; release load and run completion hooks, once."""
         if self._done:
             return
         self._done = True
-        labels = (self._model, self._model)
-        m = self._metrics
-        if not completed or self.status >= 400 or self.status == 0:
-            code = str(self.status) if self.status else "stream_aborted"
-            m.request_errors.labels(*labels, code).inc()
-            return
-        m.request_duration.labels(*labels).observe(time.perf_counter() - self._start)
-        if self.usage is not None:
-            m.input_tokens.labels(*labels).observe(self.usage.prompt_tokens)
-            m.output_tokens.labels(*labels).observe(self.usage.completion_tokens)
+        self._director.complete(self, completed, self._tokens)
 
 
 class Director:
-    """Turns a raw request into a routing decision."""
+    """Turns a raw request into a routing decision: parse -> admit -> candidates ->
+    schedule -> pre-request hooks; and closes it: in-flight load, metrics, hooks."""
 
-    def __init__(self, pool: EndpointSource, scheduler: Scheduler, metrics: EppMetrics) -> None:
+    def __init__(self, pool: EndpointSource, scheduler: Scheduler, admission: Admission,
+                 metrics: EppMetrics, *, pre_request: Sequence[PreRequest] = (),
+                 response_complete: Sequence[ResponseComplete] = ()) -> None:
         self._pool = pool
-        self._scheduler = scheduler
+        self.scheduler = scheduler
+        self.admission = admission
         self._metrics = metrics
+        self._pre_request = list(pre_request)
+        self._response_complete = list(response_complete)
+        self._e2e = metrics.scheduler_e2e
 
-    async def route(
-        self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
-    ) -> RequestHandle:
-        """Parse, find candidates, schedule. Raises :class:`RequestError` to refuse."""
-        request = None
-        if body is not None:
-            request = parse_request(headers.get(":path", "/"), body, dict(headers))
+    def candidates(self, subset: Sequence[str] | None) -> tuple[Endpoint, ...]:
+        """The pool, restricted to the proxy's subset hint; raises 503 when empty."""
         candidates = self._pool.snapshot()
         if not candidates:
             raise NoEndpointsError("no model server endpoints are available")
@@ -131,15 +163,64 @@ class Director:
                     f"none of the {len(subset)} endpoint(s) in the proxy's subset hint "
                     "is in the pool"
                 )
-        picks = self._scheduler.schedule(request, candidates)
-        if not picks:
+        return candidates
+
+    def prepare(self, headers: Mapping[str, str], body: bytes | None,
+                subset: Sequence[str] | None) -> tuple[SchedulingContext, tuple[Endpoint, ...]]:
+        """Parse and admit; returns the scheduling context and candidates."""
+        request = None
+        if body is not None:
+            request = parse_request(headers.get(":path", "/"), body, dict(headers))
+        candidates = self.candidates(subset)
+        now = time.monotonic()
+        priority = self.admission.priority(headers)
+        self.admission.admit(priority, candidates, now)
+        return SchedulingContext(request, headers, now, priority), candidates
+
+    async def route(
+        self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
+    ) -> RequestHandle:
+        """Parse, admit, schedule. Raises :class:`RequestError` to refuse."""
+        ctx, candidates = self.prepare(headers, body, subset)
+        t0 = time.perf_counter()
+        try:
+            result = self.scheduler.schedule(ctx, candidates)
+        except NoCandidatesError as exc:
+            raise UnschedulableError(f"no endpoint can serve this request: {exc}") from None
+        self._e2e.observe(time.perf_counter() - t0)
+        if not result.endpoints:
             raise UnschedulableError("no endpoint can serve this request")
         remove = tuple(h for h in CONTROL_HEADERS if h in headers)
-        handle = RequestHandle(request, picks, remove, self._metrics)
-        model = request.model if request is not None else ""
+        tokens = estimate_prompt_tokens(ctx.request)
+        handle = RequestHandle(self, ctx, result, remove, tokens)
+        for hook in self._pre_request:
+            hook.pre_request(ctx, result, handle.set_headers)
+        primary = result.endpoints[0]
+        primary.state.load.add(tokens)
+        model = ctx.model
         self._metrics.requests.labels(model, model).inc()
-        self._metrics.picks.labels(picks[0].name).inc()
+        self._metrics.picks.labels(primary.name).inc()
         return handle
+
+    def complete(self, handle: RequestHandle, completed: bool, tokens: int) -> None:
+        """Called once per routed request when its stream ends."""
+        handle.endpoints[0].state.load.release(tokens)
+        model = handle.ctx.model
+        m = self._metrics
+        status = handle.status
+        if not completed or status >= 400 or status == 0:
+            code = str(status) if status else "stream_aborted"
+            m.request_errors.labels(model, model, code).inc()
+        else:
+            m.request_duration.labels(model, model).observe(handle.elapsed)
+            if handle.usage is not None:
+                m.input_tokens.labels(model, model).observe(handle.usage.prompt_tokens)
+                m.output_tokens.labels(model, model).observe(handle.usage.completion_tokens)
+        for hook in self._response_complete:
+            try:
+                hook.response_complete(handle.ctx, handle.result, status, handle.usage)
+            except Exception:  # a hook must not break the stream's teardown
+                log.exception("response-complete hook %s failed", hook.name)
 
     def on_rejected(self, headers: Mapping[str, str], error: RequestError) -> None:
         """A request was refused before routing; count it."""

@@ -15,7 +15,9 @@ from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
 from epp.extproc.stream import ProtocolStream
 from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
+from epp.scheduling.types import ProfileResult, SchedulingContext, SchedulingResult
 
 COMPLETION = json.dumps({"model": "m", "prompt": "hello"}).encode()
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -28,10 +30,14 @@ class FirstN:
         self.n = n
         self.seen: list[LLMRequest | None] = []
 
-    def schedule(self, request: LLMRequest | None, candidates: Sequence[Endpoint]
-                 ) -> Sequence[Endpoint]:
-        self.seen.append(request)
-        return list(candidates[: self.n])
+    def schedule(self, ctx: SchedulingContext, candidates: Sequence[Endpoint],
+                 explain: bool = False) -> SchedulingResult:
+        self.seen.append(ctx.request)
+        return SchedulingResult({"p": ProfileResult(list(candidates[: self.n]))}, "p")
+
+
+def admission() -> Admission:
+    return Admission({}, SaturationDetector(5, 0.8, 0.5))
 
 
 def summarize(resp: Any) -> tuple[Any, ...]:
@@ -158,7 +164,7 @@ def make_director(n_endpoints: int, fallbacks: int) -> tuple[Director, EppMetric
     pool = EndpointPool()
     pool.replace_all(Endpoint(f"e{i}", f"10.0.0.{i + 1}:8000") for i in range(n_endpoints))
     metrics = EppMetrics()
-    return Director(pool, FirstN(fallbacks), metrics), metrics
+    return Director(pool, FirstN(fallbacks), admission(), metrics), metrics
 
 
 @pytest.mark.asyncio
@@ -243,12 +249,12 @@ async def test_aborted_stream_counts_an_error_once() -> None:
 @pytest.mark.asyncio
 async def test_director_exception_becomes_500() -> None:
     class Broken:
-        def schedule(self, request: Any, candidates: Any) -> Any:
+        def schedule(self, ctx: Any, candidates: Any, explain: bool = False) -> Any:
             raise RuntimeError("boom")
 
     pool = EndpointPool()
     pool.upsert(Endpoint("e", "10.0.0.1:8000"))
-    stream = ProtocolStream(Director(pool, Broken(), EppMetrics()))
+    stream = ProtocolStream(Director(pool, Broken(), admission(), EppMetrics()))
     await stream.handle(fe.request_headers())
     out = await stream.handle(fe.request_body(COMPLETION))
     assert [summarize(r) for r in out] == [("immediate", 500, 500)]

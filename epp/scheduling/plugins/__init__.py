@@ -1,0 +1,26 @@
+"""Built-in scheduling plugins (filters, scorers, pickers, profile handlers)."""
+
+from epp.scheduling.plugins import filters, handlers, lora, pickers, scorers
+from epp.scheduling.registry import PluginRegistry
+
+BUILTIN_PLUGINS = (
+    scorers.QueueScorer,
+    scorers.KVCacheUtilizationScorer,
+    scorers.LoadAwareScorer,
+    scorers.RunningRequestsSizeScorer,
+    lora.LoraAffinityScorer,
+    pickers.MaxScorePicker,
+    pickers.RandomPicker,
+    pickers.WeightedRandomPicker,
+    handlers.SingleProfileHandler,
+    filters.LabelSelectorFilter,
+    filters.HeaderBasedTestingFilter,
+)
+
+
+def default_registry() -> PluginRegistry:
+    """The built-in plugins, under the ecosystem's type names."""
+    registry = PluginRegistry()
+    for cls in BUILTIN_PLUGINS:
+        registry.register(cls)
+    return registry
