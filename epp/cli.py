@@ -31,8 +31,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gRPC health port (services liveness, readiness, ext_proc)")
     p.add_argument("--metrics-port", type=int, default=defaults.DEFAULT_METRICS_PORT,
                    help="Prometheus /metrics port")
-    p.add_argument("--fallback-endpoints", type=int, default=1,
-                   help="endpoints per answer: primary plus fallbacks, comma-separated")
+    p.add_argument("--config-file", help="EndpointPickerConfig YAML (default: built-in)")
+    p.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    p.add_argument("--enable-test-endpoint-selection", action="store_true",
+                   help="let the test-epp-endpoint-selection header steer picks "
+                   "(GIE conformance tests only; never in production)")
+    p.add_argument("--metrics-scrape-interval", type=float,
+                   default=defaults.DEFAULT_SCRAPE_INTERVAL_S,
+                   help="seconds between scrapes of each endpoint's /metrics")
+    p.add_argument("--metrics-scrape-timeout", type=float,
+                   default=defaults.DEFAULT_SCRAPE_TIMEOUT_S, help="timeout of one scrape")
+    p.add_argument("--metrics-staleness-threshold", type=float,
+                   default=defaults.DEFAULT_METRICS_STALE_AFTER_S,
+                   help="metrics older than this (seconds) are not trusted")
     p.add_argument("--max-request-body-bytes", type=int,
                    default=defaults.DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413")
@@ -54,7 +65,12 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,
         pool_name=args.pool_name,
-        fallback_endpoints=args.fallback_endpoints,
+        config_file=args.config_file,
+        config_text=args.config_text,
+        enable_test_endpoint_selection=args.enable_test_endpoint_selection,
+        metrics_scrape_interval_s=args.metrics_scrape_interval,
+        metrics_scrape_timeout_s=args.metrics_scrape_timeout,
+        metrics_stale_after_s=args.metrics_staleness_threshold,
         max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_grace_seconds,
         seed=args.seed,

@@ -11,14 +11,17 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp.config import EppSettings
+from epp.config import ConfigError, EppSettings
+from epp.config.picker_config import PickerConfig, load_picker_config
+from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
 from epp.discovery.static import StaticDiscovery
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.observability.health import HealthReporter
 from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
-from epp.scheduling.random_picker import RandomScheduler
+from epp.scheduling.registry import PluginDeps
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,16 @@ class App:
         assert settings.endpoints_file is not None  # validated by EppSettings
         self.discovery = StaticDiscovery(self.pool, settings.endpoints_file,
                                          settings.endpoints_reload_s)
-        scheduler = RandomScheduler(settings.fallback_endpoints, settings.seed)
-        self.director = Director(self.pool, scheduler, self.metrics)
+        self.picker_config = build_picker_config(settings, self.metrics)
+        sat = self.picker_config.saturation
+        detector = SaturationDetector(sat.queue_depth_threshold, sat.kv_cache_util_threshold,
+                                      settings.metrics_stale_after_s)
+        admission = Admission(self.picker_config.objectives, detector)
+        self.director = Director(self.pool, self.picker_config.scheduler, admission,
+                                 self.metrics)
+        self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
+                                      timeout_s=settings.metrics_scrape_timeout_s,
+                                      stale_after_s=settings.metrics_stale_after_s)
         self.servicer = ExtProcServicer(self.director, max_body_bytes=settings.max_body_bytes)
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -58,6 +69,7 @@ class App:
         await self.health.start()
         self.pool.add_listener(self._on_pool_change)
         await self.discovery.start()
+        await self.scraper.start()
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         add_to_server(self.servicer, self._grpc)
@@ -105,6 +117,7 @@ class App:
         servers = [s for s in (self._grpc, self._health_server) if s is not None]
         await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.discovery.stop()
+        await self.scraper.stop()
         if self._http is not None:
             await self._http.cleanup()
         self._stopped.set()
@@ -112,6 +125,23 @@ class App:
     async def wait_stopped(self) -> None:
         """Wait until :meth:`stop` completes."""
         await self._stopped.wait()
+
+
+def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerConfig:
+    """Compile the EndpointPickerConfig named by the settings (or the built-in one)."""
+    deps = PluginDeps(seed=settings.seed,
+                      allow_test_header=settings.enable_test_endpoint_selection,
+                      metrics_stale_after_s=settings.metrics_stale_after_s)
+    if settings.config_file is not None:
+        try:
+            with open(settings.config_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"--config-file: cannot read {settings.config_file}: {exc}") from None
+        return load_picker_config(text, source=settings.config_file, deps=deps,
+                                  timer=metrics.observe_plugin)
+    return load_picker_config(settings.config_text, source="--config-text", deps=deps,
+                              timer=metrics.observe_plugin)
 
 
 def build_app(settings: EppSettings) -> App:

@@ -39,10 +39,12 @@ class LocalStack:
 
     def __init__(self, work_dir: Path, ports: StackPorts, *,
                  sim_args: Sequence[str] = (), epp_args: Sequence[str] = (),
+                 per_sim_args: dict[int, Sequence[str]] | None = None,
                  envoy_concurrency: int = 2) -> None:
         self.work_dir = work_dir
         self.ports = ports
         self.sim_args = list(sim_args)
+        self.per_sim_args = {i: list(a) for i, a in (per_sim_args or {}).items()}
         self.epp_args = list(epp_args)
         self.envoy_concurrency = envoy_concurrency
         self.sims: list[Process] = []
@@ -75,7 +77,8 @@ class LocalStack:
         """Start one epp-sim per sim port and write the endpoints file for them."""
         for i, port in enumerate(self.ports.sims):
             proc = Process(f"sim-{i}", python_module(
-                "epp.sim", "--host", "127.0.0.1", "--port", str(port), *self.sim_args),
+                "epp.sim", "--host", "127.0.0.1", "--port", str(port), *self.sim_args,
+                *self.per_sim_args.get(i, [])),
                 self.work_dir)
             self.sims.append(proc)
         for proc in self.sims:
