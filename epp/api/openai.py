@@ -107,7 +107,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise BadRequestError("request body is empty; expected a JSON object")
     try:
         obj = _decoder.decode(raw)
-    except UnicodeDecodeError as exc:  # msgspec raises this for bad bytes inside strings
+    except UnicodeDecodeError:  # msgspec raises this for bad bytes inside strings
         raise BadRequestError("request body is not valid UTF-8") from None
     except msgspec.DecodeError as exc:
         try:

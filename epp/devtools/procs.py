@@ -87,6 +87,22 @@ class Process:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name}: no {text!r} after {timeout}s:\n{self.tail()}")
 
+    def wait_for_http(self, url: str, timeout: float = 20.0) -> None:
+        """Block until ``url`` answers 200; fail fast if the process dies first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {url} not ready after {timeout}s:\n{self.tail()}")
+            time.sleep(0.05)
+
     def tail(self, lines: int = 30) -> str:
         """The last lines of output, for error messages."""
         try:

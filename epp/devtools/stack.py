@@ -101,7 +101,9 @@ class LocalStack:
             "--bind-address", "127.0.0.1", "--grpc-port", str(p.epp_grpc),
             "--grpc-health-port", str(p.epp_health), "--metrics-port", str(p.epp_metrics),
             *self.epp_args, *extra_args), self.work_dir)
-        self.epp.wait_for_log("endpoint picker serving")
+        # The metrics server starts after the gRPC servers: it answering means serving
+        # (independent of the EPP's log level).
+        self.epp.wait_for_http(f"http://127.0.0.1:{p.epp_metrics}/metrics")
         return self.epp
 
     def stop_epp(self) -> int | None:

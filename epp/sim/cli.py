@@ -8,7 +8,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from epp.sim.config import SimConfig
+from epp.sim.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_KV_CAPACITY_TOKENS,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_NUM_SEQS,
+    SimConfig,
+)
 from epp.sim.server import run
 
 
@@ -33,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-tokens", type=int, default=16, help="output tokens when a request sets none"
     )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+        help=f"batch slots; later requests wait in a queue (default {DEFAULT_MAX_NUM_SEQS})",
+    )
+    parser.add_argument(
+        "--kv-capacity-tokens", type=int, default=DEFAULT_KV_CAPACITY_TOKENS,
+        help=f"KV cache size in tokens (default {DEFAULT_KV_CAPACITY_TOKENS})",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+        help=f"KV cache block size in tokens (default {DEFAULT_BLOCK_SIZE})",
+    )
+    parser.add_argument(
+        "--lora", action="append", dest="loras", metavar="NAME", default=None,
+        help="serve a LoRA adapter under this model name; repeat for several",
+    )
+    parser.add_argument(
+        "--max-loras", type=int, default=DEFAULT_MAX_LORAS,
+        help=f"distinct adapters in one batch (default {DEFAULT_MAX_LORAS})",
+    )
     return parser
 
 
@@ -46,6 +72,11 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms,
         default_max_tokens=args.max_tokens,
+        max_num_seqs=args.max_num_seqs,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        block_size=args.block_size,
+        lora_names=args.loras or (),
+        max_loras=args.max_loras,
     )
 
 

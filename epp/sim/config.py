@@ -7,6 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# vLLM's default batch is 256 sequences on GPUs; the sim scales it down so queues form at
+# the tens of concurrent requests that tests and a laptop-sized load can produce.
+DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default KV block size (tokens per block) on GPUs
+# A GPU holds roughly 1-2K KV tokens per batch slot (Llama-3-8B on an 80 GB H100: 128 KiB
+# per token, ~400K tokens for 256 slots). 1,024 tokens x 8 slots = 8,192 tokens, i.e. 512
+# blocks of 16: a full batch of 1K-token requests fills the cache, so KV usage spans its
+# whole range at the sim's scale.
+KV_TOKENS_PER_SEQ = 1024
+DEFAULT_KV_CAPACITY_TOKENS = DEFAULT_MAX_NUM_SEQS * KV_TOKENS_PER_SEQ
+# vLLM defaults --max-loras to 1; 4 lets one sim pod hold several adapters in a batch, the
+# situation LoRA-affinity routing is about.
+DEFAULT_MAX_LORAS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +29,8 @@ class SimConfig:
     ``advertise`` is the ``ip:port`` reported in the ``x-sim-endpoint`` response
     header; it defaults to ``f"{host}:{port}"``. ``served_model_names`` accepts any
     sequence of names and is stored as a tuple so the config stays hashable.
+    ``lora_names`` are LoRA adapters served on top of the base model (requests name them
+    in ``model``), at most ``max_loras`` of them in one batch.
     """
 
     host: str = "127.0.0.1"
@@ -26,6 +41,11 @@ class SimConfig:
     itl_ms: float = 0.0
     default_max_tokens: int = 16
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    lora_names: Sequence[str] = ()
+    max_loras: int = DEFAULT_MAX_LORAS
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -37,7 +57,9 @@ class SimConfig:
             object.__setattr__(self, "advertise", f"{self.host}:{self.port}")
         else:
             _check_address(self.advertise)
-        object.__setattr__(self, "served_model_names", _check_models(self.served_model_names))
+        object.__setattr__(
+            self, "served_model_names", _check_models(self.served_model_names, "served_model_names")
+        )
         for name in ("ttft_ms", "itl_ms"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -46,15 +68,35 @@ class SimConfig:
             raise ValueError(
                 f"default_max_tokens must be an integer >= 1, got {self.default_max_tokens!r}"
             )
-        if not _is_int(self.max_body_bytes) or self.max_body_bytes < 1:
+        for name in ("max_body_bytes", "max_num_seqs", "block_size", "max_loras"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.kv_capacity_tokens) or self.kv_capacity_tokens < self.block_size:
             raise ValueError(
-                f"max_body_bytes must be an integer >= 1, got {self.max_body_bytes!r}"
+                f"kv_capacity_tokens must be an integer >= block_size ({self.block_size}), "
+                f"got {self.kv_capacity_tokens!r}"
             )
+        loras = () if not self.lora_names else _check_models(self.lora_names, "lora_names")
+        clash = set(loras) & set(self.served_model_names)
+        if clash:
+            raise ValueError(f"lora_names repeat served model names: {sorted(clash)!r}")
+        object.__setattr__(self, "lora_names", loras)
 
     @property
     def default_model(self) -> str:
         """The model a request without ``model`` is served by (vLLM uses the first name)."""
         return self.served_model_names[0]
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        """KV cache size in blocks, as vLLM reports it in ``cache_config_info``."""
+        return self.kv_capacity_tokens // self.block_size
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may put in ``model``: served names, then adapters."""
+        return (*self.served_model_names, *self.lora_names)
 
 
 def _is_int(value: object) -> bool:
@@ -75,16 +117,16 @@ def _check_address(address: object) -> None:
         raise ValueError(f"advertise must look like 'ip:port', got {address!r}")
 
 
-def _check_models(names: object) -> tuple[str, ...]:
+def _check_models(names: object, what: str) -> tuple[str, ...]:
     # A bare string is a Sequence too; treating it as a list of letters is never intended.
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise ValueError(f"served_model_names must be a list of strings, got {names!r}")
+        raise ValueError(f"{what} must be a list of strings, got {names!r}")
     result = tuple(names)
     if not result:
-        raise ValueError("served_model_names must not be empty")
+        raise ValueError(f"{what} must not be empty")
     for name in result:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"served model names must be non-empty strings, got {name!r}")
+            raise ValueError(f"{what} must be non-empty strings, got {name!r}")
     if len(set(result)) != len(result):
-        raise ValueError(f"served_model_names contains duplicates: {list(result)!r}")
+        raise ValueError(f"{what} contains duplicates: {list(result)!r}")
     return result

@@ -2,8 +2,12 @@
 
 The HTTP layer turns OpenAI requests into ``GenerationRequest``s, asks the engine to
 ``plan`` each one (what it will answer) and then to ``generate`` it (spending the
-configured time-to-first-token and inter-token latency). The counters in
-``EngineStats`` are the raw material for a future ``/metrics`` endpoint.
+configured time-to-first-token and inter-token latency).
+
+A small service model makes queues real: at most ``max_num_seqs`` sequences run at once
+(and at most ``max_loras`` distinct LoRA adapters among them); the rest wait in FIFO
+order, as in vLLM's scheduler. Running sequences hold KV cache for their prompt and the
+tokens generated so far. ``EngineStats`` holds what ``/metrics`` reports.
 """
 
 from __future__ import annotations
@@ -11,12 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from epp.sim.config import SimConfig
+from epp.sim.config import (
+    DEFAULT_KV_CAPACITY_TOKENS,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_NUM_SEQS,
+    SimConfig,
+)
 
 TokenCounter = Callable[[str], int]
 
@@ -79,6 +89,7 @@ class Completion:
     tokens: tuple[str, ...]
     cached_tokens: int = 0
     finish_reason: str = "length"
+    lora: str | None = None  # the LoRA adapter serving it, None for the base model
 
     @property
     def completion_tokens(self) -> int:
@@ -95,9 +106,12 @@ class Completion:
 class EngineStats:
     """Live counters of one engine (mutable on purpose: they change per request)."""
 
-    in_flight: int = 0
+    in_flight: int = 0  # running + waiting
     running: int = 0
+    waiting: int = 0
+    kv_tokens: int = 0  # KV cache held by running sequences (prompt + generated so far)
     requests_finished: int = 0  # including those cut short by a client disconnect
+    requests_aborted: int = 0  # the cut-short ones (vLLM's finished_reason="abort")
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
 
@@ -107,12 +121,81 @@ def output_tokens(count: int) -> tuple[str, ...]:
     return tuple(f"tok{i}" if i == 0 else f" tok{i}" for i in range(count))
 
 
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    lora: str | None
+    running: bool = False
+    admitted: asyncio.Future[None] | None = None  # set while waiting for a batch slot
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Admission in vLLM's way: a FIFO waiting queue in front of a bounded batch.
+
+    A waiting sequence whose adapter would exceed ``max_loras`` in the batch is skipped
+    (it keeps its place) and later ones may start, as vLLM's scheduler does.
+    """
+
+    max_num_seqs: int
+    max_loras: int
+    stats: EngineStats
+    waiting: deque[_Sequence] = field(default_factory=deque)
+    loras: Counter[str] = field(default_factory=Counter)  # adapter -> running sequences
+
+    async def acquire(self, seq: _Sequence) -> None:
+        self.waiting.append(seq)
+        self.stats.waiting += 1
+        self._schedule()
+        if seq.running:  # a free slot: no await, so zero-latency runs never yield here
+            return
+        seq.admitted = asyncio.get_running_loop().create_future()
+        try:
+            await seq.admitted
+        except asyncio.CancelledError:
+            if seq.running:  # admitted, then cancelled before it could resume
+                self.release(seq)
+            else:
+                self.waiting.remove(seq)
+                self.stats.waiting -= 1
+            raise
+
+    def release(self, seq: _Sequence) -> None:
+        seq.running = False
+        self.stats.running -= 1
+        if seq.lora is not None:
+            self.loras[seq.lora] -= 1
+            if not self.loras[seq.lora]:
+                del self.loras[seq.lora]
+        self._schedule()
+
+    def lora_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Adapters of running and of waiting sequences."""
+        waiting = frozenset(s.lora for s in self.waiting if s.lora is not None)
+        return frozenset(self.loras), waiting
+
+    def _schedule(self) -> None:
+        for seq in list(self.waiting):
+            if self.stats.running >= self.max_num_seqs:
+                return
+            lora = seq.lora
+            if lora is not None and lora not in self.loras and len(self.loras) >= self.max_loras:
+                continue
+            self.waiting.remove(seq)
+            self.stats.waiting -= 1
+            self.stats.running += 1
+            seq.running = True
+            if lora is not None:
+                self.loras[lora] += 1
+            if seq.admitted is not None and not seq.admitted.done():
+                seq.admitted.set_result(None)
+
+
 class Engine:
     """A stand-in for vLLM's engine: deterministic output with configurable latency.
 
-    ``in_flight`` counts admitted, unfinished requests; ``running`` counts those being
-    computed. Without a batch-size limit both are equal; a scheduler queue will make
-    ``in_flight - running`` the waiting count.
+    ``in_flight`` counts admitted, unfinished requests: ``running`` ones are in the batch,
+    ``waiting`` ones queue for a slot. Time to first token starts when a request starts
+    running, so queueing shows up in the latency clients see.
     """
 
     def __init__(
@@ -121,16 +204,39 @@ class Engine:
         ttft_ms: float = 0.0,
         itl_ms: float = 0.0,
         count_tokens: TokenCounter = estimate_prompt_tokens,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
+        max_loras: int = DEFAULT_MAX_LORAS,
     ) -> None:
+        if max_num_seqs < 1 or kv_capacity_tokens < 1 or max_loras < 1:
+            raise ValueError("max_num_seqs, kv_capacity_tokens and max_loras must be >= 1")
         self._ttft_s = ttft_ms / 1000.0
         self._itl_s = itl_ms / 1000.0
         self._count_tokens = count_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens
         self.stats = EngineStats()
+        self._batch = _Batch(max_num_seqs, max_loras, self.stats)
 
     @classmethod
     def from_config(cls, config: SimConfig) -> Engine:
         """Build the engine described by ``config``."""
-        return cls(ttft_ms=config.ttft_ms, itl_ms=config.itl_ms)
+        return cls(
+            ttft_ms=config.ttft_ms,
+            itl_ms=config.itl_ms,
+            max_num_seqs=config.max_num_seqs,
+            kv_capacity_tokens=config.kv_capacity_tokens,
+            max_loras=config.max_loras,
+        )
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache held by running sequences, clipped to 1.0 (the sim
+        does not preempt on a full cache as vLLM would)."""
+        return min(1.0, self.stats.kv_tokens / self.kv_capacity_tokens)
+
+    def lora_adapters(self) -> tuple[frozenset[str], frozenset[str]]:
+        """LoRA adapters of the running and of the waiting requests."""
+        return self._batch.lora_sets()
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Prompt length in tokens: exact for token ids, estimated for text."""
@@ -139,27 +245,33 @@ class Engine:
         assert request.prompt_text is not None  # guaranteed by GenerationRequest
         return self._count_tokens(request.prompt_text)
 
-    def plan(self, request: GenerationRequest) -> Completion:
-        """Decide the answer to ``request`` without spending any time."""
+    def plan(self, request: GenerationRequest, *, lora: str | None = None) -> Completion:
+        """Decide the answer to ``request`` (served by adapter ``lora``) without spending time."""
         return Completion(
             prompt_tokens=self.count_prompt_tokens(request),
             tokens=output_tokens(request.max_tokens),
+            lora=lora,
         )
 
     async def generate(self, completion: Completion) -> AsyncIterator[str]:
-        """Yield the planned tokens in real time: ``ttft_ms`` first, then ``itl_ms`` each.
+        """Wait for a batch slot, then yield the planned tokens in real time: ``ttft_ms``
+        first, then ``itl_ms`` each.
 
-        Close the iterator (e.g. ``contextlib.aclosing``) when stopping early so the
-        counters are released promptly.
+        Close the iterator (e.g. ``contextlib.aclosing``) when stopping early so the slot
+        and counters are released promptly.
         """
         stats = self.stats
+        seq = _Sequence(completion.lora)
         stats.in_flight += 1
-        stats.running += 1
-        stats.prompt_tokens_total += completion.prompt_tokens
-        loop = asyncio.get_running_loop()
-        # Absolute deadlines so per-token scheduling overhead does not accumulate.
-        deadline = loop.time() + self._ttft_s
+        emitted = held = 0
         try:
+            await self._batch.acquire(seq)
+            loop = asyncio.get_running_loop()
+            stats.prompt_tokens_total += completion.prompt_tokens
+            held = completion.prompt_tokens
+            stats.kv_tokens += held
+            # Absolute deadlines so per-token scheduling overhead does not accumulate.
+            deadline = loop.time() + self._ttft_s
             for index, token in enumerate(completion.tokens):
                 if index:
                     deadline += self._itl_s
@@ -167,11 +279,18 @@ class Engine:
                 if delay > 0:  # zero-latency runs never yield to the loop here
                     await asyncio.sleep(delay)
                 stats.generation_tokens_total += 1
+                stats.kv_tokens += 1
+                held += 1
+                emitted += 1
                 yield token
         finally:
-            stats.running -= 1
+            stats.kv_tokens -= held
+            if seq.running:
+                self._batch.release(seq)
             stats.in_flight -= 1
             stats.requests_finished += 1
+            if emitted < completion.completion_tokens:
+                stats.requests_aborted += 1
 
     async def execute(self, completion: Completion) -> None:
         """Spend the time ``completion`` takes to generate, for non-streaming requests."""

@@ -36,8 +36,11 @@ def usage(completions: Sequence[Completion]) -> JsonObject:
     }
 
 
-def models_list(names: Sequence[str], created: int) -> JsonObject:
-    """The ``GET /v1/models`` body."""
+def models_list(names: Sequence[str], created: int, adapters: Sequence[str] = ()) -> JsonObject:
+    """The ``GET /v1/models`` body: served names, then LoRA adapters (parent: the base)."""
+    base = names[0]
+    cards = [(name, name, None) for name in names]
+    cards += [(name, name, base) for name in adapters]
     return {
         "object": "list",
         "data": [
@@ -46,10 +49,10 @@ def models_list(names: Sequence[str], created: int) -> JsonObject:
                 "object": "model",
                 "created": created,
                 "owned_by": "vllm",
-                "root": name,
-                "parent": None,
+                "root": root,
+                "parent": parent,
             }
-            for name in names
+            for name, root, parent in cards
         ],
     }
 

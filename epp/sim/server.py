@@ -31,6 +31,8 @@ from epp.sim.formatting import (
     error_body,
     models_list,
 )
+from epp.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from epp.sim.metrics import MetricsPage
 from epp.sim.parsing import (
     ApiError,
     ParsedRequest,
@@ -42,6 +44,7 @@ from epp.sim.parsing import (
 
 CONFIG_KEY = web.AppKey("epp_sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("epp_sim_engine", Engine)
+METRICS_KEY = web.AppKey("epp_sim_metrics", MetricsPage)
 
 ENDPOINT_HEADER = "x-sim-endpoint"
 REQUEST_BYTES_HEADER = "x-sim-request-bytes"
@@ -68,12 +71,14 @@ def build_app(config: SimConfig, engine: Engine | None = None) -> web.Applicatio
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine if engine is not None else Engine.from_config(config)
+    app[METRICS_KEY] = MetricsPage(config, app[ENGINE_KEY])
     app.on_response_prepare.append(_stamp_endpoint)
     router = app.router
     router.add_post("/v1/completions", _generation_handler(parse_completions, CompletionFormat()))
     router.add_post("/v1/chat/completions", _generation_handler(parse_chat, ChatFormat()))
     router.add_get("/v1/models", _models)
     router.add_get("/health", _health)
+    router.add_get("/metrics", _metrics)
     return app
 
 
@@ -168,7 +173,7 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
         config = request.app[CONFIG_KEY]
         try:
             payload = decode_json_object(body)
-            parsed = parse(payload, config.served_model_names, config.default_max_tokens)
+            parsed = parse(payload, config.model_names, config.default_max_tokens)
         except ApiError as exc:
             response = _json(exc.body(), status=exc.status)
             response.headers.update(echo)
@@ -179,7 +184,8 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
             model=parsed.model,
         )
         engine = request.app[ENGINE_KEY]
-        completions = [engine.plan(generation) for generation in parsed.generations]
+        lora = parsed.model if parsed.model in config.lora_names else None
+        completions = [engine.plan(generation, lora=lora) for generation in parsed.generations]
         if parsed.stream:
             return await _stream(request, engine, parsed, fmt, head, completions, echo)
         await asyncio.gather(*(engine.execute(c) for c in completions))
@@ -261,7 +267,13 @@ async def _next(stream: AsyncIterator[_T]) -> _T | object:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return _json(models_list(request.app[CONFIG_KEY].served_model_names, int(time.time())))
+    config = request.app[CONFIG_KEY]
+    return _json(models_list(config.served_model_names, int(time.time()), config.lora_names))
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -1,0 +1,115 @@
+"""The simulated pod's ``/metrics`` page, in vLLM's names and Prometheus text format 0.0.4.
+
+Only the series endpoint pickers read, plus a few of vLLM's counters. Labels follow vLLM:
+``model_name`` (the first served name) and ``engine`` ("0": one engine per sim pod).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from epp.sim.config import SimConfig
+from epp.sim.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# vLLM keeps every label set of vllm:lora_requests_info it ever set (each with the time
+# it was last current); the sim keeps the most recent few, enough to make readers pick
+# the newest by value rather than by position.
+LORA_SERIES_KEPT = 8
+
+Clock = Callable[[], float]
+
+
+class MetricsPage:
+    """Renders one engine's state as vLLM's ``/metrics`` page."""
+
+    def __init__(self, config: SimConfig, engine: Engine, *, clock: Clock = time.time) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._labels = _labels(model_name=config.default_model, engine="0")
+        self._lora_enabled = bool(config.lora_names)
+        self._max_loras = config.max_loras
+        self._cache_config = _labels(
+            block_size=str(config.block_size),
+            cache_dtype="auto",
+            enable_prefix_caching="True",
+            engine="0",
+            gpu_memory_utilization="0.9",
+            num_cpu_blocks="None",
+            num_gpu_blocks=str(config.num_gpu_blocks),
+            num_gpu_blocks_override="None",
+        )
+        # (running adapters, waiting adapters) -> when that set was last current
+        self._lora_series: dict[tuple[str, str], float] = {}
+
+    def render(self) -> bytes:
+        """The page for the engine's state now."""
+        stats = self._engine.stats
+        out: list[str] = []
+        gauge = self._family_writer(out, "gauge")
+        counter = self._family_writer(out, "counter")
+        gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+              [("", stats.running)])
+        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+              [("", stats.waiting)])
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+              [("", self._engine.kv_cache_usage)])
+        # No prefix cache is modelled yet: both counters stay 0.
+        counter("vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.", [("", 0)])
+        counter("vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.", [("", 0)])
+        counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                [("", stats.prompt_tokens_total)])
+        counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                [("", stats.generation_tokens_total)])
+        completed = stats.requests_finished - stats.requests_aborted
+        counter("vllm:request_success", "Count of successfully processed requests.", [
+            (',finished_reason="stop"', 0),
+            (',finished_reason="length"', completed),  # the sim always hits max_tokens
+            (',finished_reason="abort"', stats.requests_aborted),
+        ])
+        if self._lora_enabled:
+            self._render_lora(out)
+        out.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n")
+        out.append("# TYPE vllm:cache_config_info gauge\n")
+        out.append(f"vllm:cache_config_info{{{self._cache_config}}} 1.0\n")
+        return "".join(out).encode()
+
+    def _family_writer(
+        self, out: list[str], kind: str
+    ) -> Callable[[str, str, Iterable[tuple[str, float]]], None]:
+        """A function writing one family; each sample is (extra labels, value)."""
+        suffix = "_total" if kind == "counter" else ""
+
+        def write(name: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            for extra, value in samples:
+                out.append(f"{name}{suffix}{{{self._labels}{extra}}} {float(value)!r}\n")
+
+        return write
+
+    def _render_lora(self, out: list[str]) -> None:
+        running, waiting = self._engine.lora_adapters()
+        key = (",".join(sorted(running)), ",".join(sorted(waiting)))
+        latest = max(self._lora_series.values(), default=0.0)
+        # Strictly increasing, so the current set is the unique largest value.
+        self._lora_series.pop(key, None)
+        self._lora_series[key] = max(self._clock(), latest + 1e-6)
+        while len(self._lora_series) > LORA_SERIES_KEPT:
+            del self._lora_series[next(iter(self._lora_series))]
+        out.append("# HELP vllm:lora_requests_info Running stats on lora requests.\n")
+        out.append("# TYPE vllm:lora_requests_info gauge\n")
+        for (run, wait), stamp in self._lora_series.items():
+            labels = _labels(max_lora=str(self._max_loras), running_lora_adapters=run,
+                             waiting_lora_adapters=wait)
+            out.append(f"vllm:lora_requests_info{{{labels}}} {stamp!r}\n")
+
+
+def _labels(**labels: str) -> str:
+    return ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items())
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
