@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 
+import uvloop
+
 from epp.config import ConfigError, EppSettings
 from epp.config import settings as defaults
 from epp.discovery.static import EndpointsFileError
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(settings))
     except (ConfigError, EndpointsFileError) as exc:
         print(f"epp: error: {exc}", file=sys.stderr)
         return 2
