@@ -1,0 +1,1 @@
+"""KV-cache awareness: vLLM KV events -> a block index -> prefix matches per endpoint."""

@@ -1,0 +1,78 @@
+"""vLLM KV events as the index sees them, and the interface between the event
+subscribers (writers) and the block index (reader of events).
+
+Wire-format facts (``vllm/distributed/kv_events.py``): a batch is ``[ts, [events...],
+data_parallel_rank]`` (or a map with those names); each event is a tagged union, a
+positional array ``["BlockStored", ...fields]`` before vLLM 0.26 and a map
+``{"type": "BlockStored", ...}`` from 0.26. Hashes are uint64 ints, or digest bytes
+folded to their last 8 bytes big-endian so both forms compare equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# vLLM's medium names; None (older engines) means GPU.
+MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """New full blocks (``token_ids`` holds ``len(block_hashes) * block_size`` tokens)."""
+
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Blocks evicted from one medium."""
+
+    block_hashes: tuple[int, ...]
+    medium: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """The engine dropped its whole prefix cache."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventBatch:
+    """One published message: events in order, plus what could not be understood."""
+
+    ts: float
+    events: tuple[KVEvent, ...]
+    data_parallel_rank: int | None = None
+    unknown_events: int = 0  # events of a type we do not know (counted, skipped)
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What the index made of a batch."""
+
+    stored: int = 0
+    removed: int = 0
+    # BlockStored whose parent hash this endpoint never stored: its blocks cannot be
+    # keyed by prefix, so the subscriber should ask the engine to replay.
+    missing_parent: int = 0
+    unknown_removed: int = 0  # BlockRemoved for hashes we never saw (harmless)
+    notes: list[str] = field(default_factory=list)
+
+
+class EventSink(Protocol):
+    """Where subscribers deliver events (the block index)."""
+
+    def apply_batch(self, endpoint: str, batch: KVEventBatch) -> ApplyResult: ...
+
+    def clear_endpoint(self, endpoint: str) -> None: ...
