@@ -1,0 +1,243 @@
+"""The block index: which endpoint holds which block, in which tier.
+
+Layout, chosen for memory and for O(blocks) prefix lookups over all endpoints at once:
+
+- ``_holders``: block key -> an int bitmask; endpoint slot ``s`` owns bit ``2s`` (GPU)
+  and bit ``2s + 1`` (CPU and other offload tiers).
+- per endpoint, engine hash -> block key: how ``BlockRemoved`` (which names vLLM's hashes)
+  finds our key, and the endpoint's reverse set, so clearing one pod is O(its blocks).
+
+Longest-prefix lookup walks the request's keys once, AND-ing the bitmasks: every
+endpoint's match length falls out of one pass, however many endpoints there are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from epp.kvcache.keys import chain_keys, root_key
+from epp.kvcache.types import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    ApplyResult,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+)
+
+log = logging.getLogger(__name__)
+
+# Default bound on distinct blocks when the fleet's size is unknown. Derivation: an H100
+# 80 GB serving an 8B model keeps ~64 GB for KV; at 128 KiB per token and 16 tokens per
+# block that is 31,250 blocks per pod; 64 pods -> 2M blocks. Engines report evictions, so
+# the bound only matters when removal events are lost.
+DEFAULT_CAPACITY_BLOCKS = 2_000_000
+# Offloaded blocks are worth less than GPU-resident ones: loading them back costs time.
+GPU_WEIGHT = 1.0
+CPU_WEIGHT = 0.8
+
+
+@dataclass(slots=True)
+class _EndpointBlocks:
+    slot: int
+    by_engine_hash: dict[int, int] = field(default_factory=dict)  # engine hash -> our key
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMatch:
+    """How much of a request's prefix one endpoint holds."""
+
+    blocks: int  # consecutive leading blocks present in any tier
+    gpu_blocks: int  # consecutive leading blocks present on the GPU
+
+    def weighted(self) -> float:
+        """Blocks weighted by tier (GPU 1.0, offloaded 0.8)."""
+        return self.gpu_blocks * GPU_WEIGHT + (self.blocks - self.gpu_blocks) * CPU_WEIGHT
+
+
+class BlockIndex:
+    """Implements the subscribers' ``EventSink``; read by the prefix-match producer."""
+
+    def __init__(self, *, model: str = "", capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+                 ) -> None:
+        if capacity_blocks < 1:
+            raise ValueError("capacity_blocks must be at least 1")
+        self.model = model
+        self.capacity_blocks = capacity_blocks
+        self._holders: dict[int, int] = {}
+        self._endpoints: dict[str, _EndpointBlocks] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self.known_loras: set[str] = set()
+        self.evicted_by_capacity = 0
+
+    # -- sizes ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def blocks_of(self, endpoint: str) -> int:
+        """Blocks an endpoint holds (any tier)."""
+        eb = self._endpoints.get(endpoint)
+        return len(eb.by_engine_hash) if eb is not None else 0
+
+    def endpoints(self) -> list[str]:
+        """Endpoints with index state."""
+        return list(self._endpoints)
+
+    def root(self, lora_name: str | None) -> int:
+        """Root key for a request or event on this index's model."""
+        return root_key(self.model, lora_name)
+
+    # -- writes (EventSink) ---------------------------------------------------------
+
+    def _slot(self, endpoint: str) -> _EndpointBlocks:
+        eb = self._endpoints.get(endpoint)
+        if eb is None:
+            slot = self._free_slots.pop() if self._free_slots else self._next_slot
+            if slot == self._next_slot:
+                self._next_slot += 1
+            eb = self._endpoints[endpoint] = _EndpointBlocks(slot)
+        return eb
+
+    def apply_batch(self, endpoint: str, batch: KVEventBatch) -> ApplyResult:
+        """Apply one batch of an endpoint's events, in order."""
+        result = ApplyResult()
+        eb = self._slot(endpoint)
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                self._stored(eb, event, result)
+            elif isinstance(event, BlockRemoved):
+                self._removed(eb, event, result)
+            elif isinstance(event, AllBlocksCleared):
+                self._clear(eb)
+        return result
+
+    def _stored(self, eb: _EndpointBlocks, ev: BlockStored, result: ApplyResult) -> None:
+        if ev.parent_block_hash is None:
+            parent = self.root(ev.lora_name)
+        else:
+            found = eb.by_engine_hash.get(ev.parent_block_hash)
+            if found is None:
+                result.missing_parent += 1
+                return
+            parent = found
+        if ev.lora_name:
+            self.known_loras.add(ev.lora_name)
+        keys = chain_keys(ev.token_ids, ev.block_size, parent)
+        bit = 1 << (2 * eb.slot + (0 if ev.medium in (None, MEDIUM_GPU) else 1))
+        holders = self._holders
+        by_engine = eb.by_engine_hash
+        for engine_hash, key in zip(ev.block_hashes, keys):
+            by_engine[engine_hash] = key
+            holders[key] = holders.get(key, 0) | bit
+        result.stored += len(keys)
+        if len(holders) > self.capacity_blocks:
+            self._evict(len(holders) - self.capacity_blocks)
+
+    def _removed(self, eb: _EndpointBlocks, ev: BlockRemoved, result: ApplyResult) -> None:
+        bit = 1 << (2 * eb.slot + (0 if ev.medium in (None, MEDIUM_GPU) else 1))
+        holders = self._holders
+        by_engine = eb.by_engine_hash
+        both = 0b11 << (2 * eb.slot)
+        for engine_hash in ev.block_hashes:
+            key = by_engine.get(engine_hash)
+            if key is None:
+                result.unknown_removed += 1
+                continue
+            mask = holders.get(key, 0) & ~bit
+            if mask:
+                holders[key] = mask
+            else:
+                holders.pop(key, None)
+            if not mask & both:  # gone from every tier of this endpoint
+                del by_engine[engine_hash]
+            result.removed += 1
+
+    def _clear(self, eb: _EndpointBlocks) -> None:
+        clear = ~(0b11 << (2 * eb.slot))
+        holders = self._holders
+        for key in eb.by_engine_hash.values():
+            mask = holders.get(key)
+            if mask is None:
+                continue
+            mask &= clear
+            if mask:
+                holders[key] = mask
+            else:
+                del holders[key]
+        eb.by_engine_hash.clear()
+
+    def clear_endpoint(self, endpoint: str) -> None:
+        """Forget everything an endpoint holds (restart, cleared cache, left the pool)."""
+        eb = self._endpoints.pop(endpoint, None)
+        if eb is None:
+            return
+        self._clear(eb)
+        self._free_slots.append(eb.slot)
+
+    def _evict(self, count: int) -> None:
+        # Oldest-inserted first: dicts keep insertion order. Engine maps keep their entries
+        # (bounded by the engines' own caches); a removal for an evicted key is a no-op.
+        holders = self._holders
+        victims = []
+        for key in holders:
+            victims.append(key)
+            if len(victims) >= count:
+                break
+        for key in victims:
+            del holders[key]
+        self.evicted_by_capacity += len(victims)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, EndpointMatch]:
+        """Longest consecutive prefix of ``keys`` each endpoint holds."""
+        slots = {}
+        for name in endpoints:
+            eb = self._endpoints.get(name)
+            if eb is not None and eb.by_engine_hash:
+                slots[name] = eb.slot
+        out = {name: EndpointMatch(0, 0) for name in endpoints}
+        if not slots or not keys:
+            return out
+        want_any = 0
+        for slot in slots.values():
+            want_any |= 1 << (2 * slot)
+        holders = self._holders
+        alive_any = want_any  # GPU-bit positions of endpoints still matching (any tier)
+        alive_gpu = want_any
+        end_any: dict[int, int] = {}
+        end_gpu: dict[int, int] = {}
+        n = len(keys)
+        for i, key in enumerate(keys):
+            m = holders.get(key, 0)
+            present_any = (m | (m >> 1)) & want_any
+            present_gpu = m & want_any
+            if alive_gpu & ~present_gpu:
+                _record(alive_gpu & ~present_gpu, i, end_gpu)
+                alive_gpu &= present_gpu
+            if alive_any & ~present_any:
+                _record(alive_any & ~present_any, i, end_any)
+                alive_any &= present_any
+                if not alive_any:
+                    break
+        if alive_any:
+            _record(alive_any, n, end_any)
+        if alive_gpu:
+            _record(alive_gpu, n, end_gpu)
+        for name, slot in slots.items():
+            bitpos = 2 * slot
+            blocks = end_any.get(bitpos, 0)
+            out[name] = EndpointMatch(blocks, min(blocks, end_gpu.get(bitpos, 0)))
+        return out
+
+
+def _record(mask: int, length: int, ends: dict[int, int]) -> None:
+    """For every set bit of ``mask``, remember that its match ended at ``length``."""
+    while mask:
+        low = mask & -mask
+        ends[low.bit_length() - 1] = length
+        mask ^= low

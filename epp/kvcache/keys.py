@@ -1,0 +1,44 @@
+"""Block keys: our own chained hash over each full block's token ids.
+
+``key[i] = xxh3_64(uint32 tokens of block i, seed=key[i-1])`` with ``key[-1]`` the root,
+a hash of the base model name and LoRA adapter. The same function keys the blocks of a
+request (from its tokens) and the blocks an engine reports (from ``BlockStored
+.token_ids``), so matching needs no agreement with vLLM's own hash (``PYTHONHASHSEED``,
+sha256 vs xxhash, CBOR vs pickle). The price: a stored block can only be keyed when its
+parent's key is known; an event whose parent was never seen is resolved by asking the
+engine to replay (see the subscriber).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import xxhash
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def root_key(model: str, lora_name: str | None) -> int:
+    """The seed of a block chain: different models or adapters never share blocks."""
+    return _xxh3(f"{model}\x00{lora_name or ''}".encode())
+
+
+def chain_keys(tokens: Sequence[int], block_size: int, parent: int,
+               max_blocks: int | None = None) -> list[int]:
+    """Keys of the full blocks of ``tokens``, chained from ``parent``. A trailing
+    partial block has no key (vLLM caches only full blocks)."""
+    n = len(tokens) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        return []
+    packed = array("I", tokens[: n * block_size]).tobytes()  # uint32: vocab ids < 2**32
+    step = 4 * block_size
+    keys = []
+    key = parent
+    view = memoryview(packed)
+    for off in range(0, n * step, step):
+        key = _xxh3(view[off : off + step], key)
+        keys.append(key)
+    return keys

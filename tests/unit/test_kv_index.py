@@ -1,0 +1,105 @@
+"""Block keys and the block index: events in, prefix matches out."""
+
+from __future__ import annotations
+
+from epp.kvcache.index import BlockIndex, EndpointMatch
+from epp.kvcache.keys import chain_keys, root_key
+from epp.kvcache.types import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+BS = 4
+
+
+def batch(*events: object) -> KVEventBatch:
+    return KVEventBatch(0.0, tuple(events))  # type: ignore[arg-type]
+
+
+def stored(hashes: list[int], parent: int | None, tokens: list[int], medium: str | None = None,
+           lora: str | None = None) -> BlockStored:
+    return BlockStored(tuple(hashes), parent, tuple(tokens), BS, medium=medium, lora_name=lora)
+
+
+TOKENS = list(range(100, 124))  # 6 blocks of 4
+
+
+def request_keys(index: BlockIndex, tokens: list[int], lora: str | None = None) -> list[int]:
+    return chain_keys(tokens, BS, index.root(lora))
+
+
+def test_keys_chain_and_ignore_partial_blocks() -> None:
+    root = root_key("m", None)
+    keys = chain_keys(TOKENS + [1, 2], BS, root)
+    assert len(keys) == 6
+    # Chained: the same block after a different prefix gets a different key.
+    assert chain_keys(TOKENS[4:8], BS, keys[0]) == [keys[1]]
+    assert chain_keys(TOKENS[4:8], BS, root) != [keys[1]]
+    assert root_key("m", "lora-a") != root and root_key("other", None) != root
+    assert chain_keys(TOKENS, BS, root, max_blocks=2) == keys[:2]
+
+
+def test_events_split_across_batches_match_request_keys() -> None:
+    idx = BlockIndex(model="m")
+    # The engine stores 2 blocks, then 3 more chained on its own hash 0xB.
+    idx.apply_batch("a", batch(stored([0xA, 0xB], None, TOKENS[:8])))
+    r = idx.apply_batch("a", batch(stored([0xC, 0xD, 0xE], 0xB, TOKENS[8:20])))
+    assert r.stored == 3 and r.missing_parent == 0
+    keys = request_keys(idx, TOKENS)
+    assert idx.match(keys, ["a", "b"]) == {"a": EndpointMatch(5, 5), "b": EndpointMatch(0, 0)}
+
+
+def test_longest_consecutive_prefix_per_endpoint() -> None:
+    idx = BlockIndex(model="m")
+    idx.apply_batch("a", batch(stored([1, 2, 3, 4], None, TOKENS[:16])))
+    idx.apply_batch("b", batch(stored([9], None, TOKENS[:4])))
+    idx.apply_batch("c", batch(stored([1, 2, 3, 4, 5, 6], None, TOKENS)))
+    idx.apply_batch("a", batch(BlockRemoved((2,))))  # a hole at block 1
+    got = idx.match(request_keys(idx, TOKENS), ["a", "b", "c"])
+    assert got == {"a": EndpointMatch(1, 1), "b": EndpointMatch(1, 1), "c": EndpointMatch(6, 6)}
+
+
+def test_unknown_parent_is_reported_not_guessed() -> None:
+    idx = BlockIndex(model="m")
+    r = idx.apply_batch("a", batch(stored([7], 0xDEAD, TOKENS[4:8])))
+    assert r.missing_parent == 1 and r.stored == 0
+    assert idx.blocks_of("a") == 0
+
+
+def test_tiers_gpu_and_cpu() -> None:
+    idx = BlockIndex(model="m")
+    idx.apply_batch("a", batch(stored([1, 2], None, TOKENS[:8]),
+                               stored([3, 4], 2, TOKENS[8:16], medium="CPU")))
+    m = idx.match(request_keys(idx, TOKENS), ["a"])["a"]
+    assert m == EndpointMatch(4, 2)
+    assert m.weighted() == 2 * 1.0 + 2 * 0.8
+    # The GPU copy of block 0 goes; the chain on the GPU is broken from block 0.
+    idx.apply_batch("a", batch(BlockRemoved((1,), "GPU")))
+    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"] == EndpointMatch(0, 0)
+
+
+def test_all_blocks_cleared_and_clear_endpoint_touch_only_that_endpoint() -> None:
+    idx = BlockIndex(model="m")
+    for ep in ("a", "b"):
+        idx.apply_batch(ep, batch(stored([1, 2, 3], None, TOKENS[:12])))
+    idx.apply_batch("a", batch(AllBlocksCleared()))
+    keys = request_keys(idx, TOKENS)
+    assert idx.match(keys, ["a", "b"]) == {"a": EndpointMatch(0, 0), "b": EndpointMatch(3, 3)}
+    idx.clear_endpoint("b")
+    assert len(idx) == 0 and idx.blocks_of("b") == 0
+    # A new endpoint may reuse the freed slot without inheriting anything.
+    idx.apply_batch("c", batch(stored([5], None, TOKENS[:4])))
+    assert idx.match(keys, ["b", "c"]) == {"b": EndpointMatch(0, 0), "c": EndpointMatch(1, 1)}
+
+
+def test_lora_blocks_do_not_match_base_model_requests() -> None:
+    idx = BlockIndex(model="m")
+    idx.apply_batch("a", batch(stored([1, 2], None, TOKENS[:8], lora="sql")))
+    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"] == EndpointMatch(0, 0)
+    assert idx.match(request_keys(idx, TOKENS, "sql"), ["a"])["a"] == EndpointMatch(2, 2)
+    assert "sql" in idx.known_loras
+
+
+def test_capacity_evicts_oldest_blocks() -> None:
+    idx = BlockIndex(model="m", capacity_blocks=4)
+    idx.apply_batch("a", batch(stored([1, 2, 3, 4, 5, 6], None, TOKENS)))
+    assert len(idx) == 4 and idx.evicted_by_capacity == 2
+    # The two oldest (leading) blocks went, so the prefix match is now empty.
+    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"].blocks == 0
