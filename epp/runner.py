@@ -15,7 +15,7 @@ from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
-from epp.discovery.static import StaticDiscovery
+from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.observability.health import HealthReporter
 from epp.observability.metrics import EppMetrics
@@ -49,8 +49,13 @@ class App:
         detector = SaturationDetector(sat.queue_depth_threshold, sat.kv_cache_util_threshold,
                                       settings.metrics_stale_after_s)
         admission = Admission(self.picker_config.objectives, detector)
-        self.director = Director(self.pool, self.picker_config.scheduler, admission,
-                                 self.metrics)
+        plugins = list(self.picker_config.plugins.values())
+        self.kv_services = [p.service for p in plugins if hasattr(p, "service")]
+        self.director = Director(
+            self.pool, self.picker_config.scheduler, admission, self.metrics,
+            producers=[p.producer for p in plugins if hasattr(p, "producer")],
+            pre_request=[p for p in plugins if hasattr(p, "pre_request")],
+            response_complete=[p for p in plugins if hasattr(p, "response_complete")])
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
                                       stale_after_s=settings.metrics_stale_after_s)
@@ -70,6 +75,8 @@ class App:
         self.pool.add_listener(self._on_pool_change)
         await self.discovery.start()
         await self.scraper.start()
+        for service in self.kv_services:
+            await service.start(self.pool)
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         add_to_server(self.servicer, self._grpc)
@@ -118,6 +125,8 @@ class App:
         await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.discovery.stop()
         await self.scraper.stop()
+        for service in self.kv_services:
+            await service.stop()
         if self._http is not None:
             await self._http.cleanup()
         self._stopped.set()
@@ -140,8 +149,10 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
             raise ConfigError(f"--config-file: cannot read {settings.config_file}: {exc}") from None
         return load_picker_config(text, source=settings.config_file, deps=deps,
                                   timer=metrics.observe_plugin)
+    kv_events = settings.kv_events or any(
+        e.kv_events for e in load_endpoints_file(settings.endpoints_file or ""))
     return load_picker_config(settings.config_text, source="--config-text", deps=deps,
-                              timer=metrics.observe_plugin)
+                              timer=metrics.observe_plugin, kv_events=kv_events)
 
 
 def build_app(settings: EppSettings) -> App:

@@ -25,15 +25,18 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 KIND = "EndpointPickerConfig"
 
-# The built-in default: GIE's default profile without the prefix scorer (it arrives with
-# the KV-cache index). Queue and KV utilisation weigh equally, as in GIE.
-DEFAULT_CONFIG = """\
+# The built-in defaults: GIE's default profile (queue x2, KV utilisation x2, prefix x3).
+# With KV events the prefix scorer is the precise one, tokenizing through the pods'
+# render endpoints (exact for any model, no tokenizer files needed); without, GIE's
+# approximate scorer from routing history.
+_DEFAULT_TEMPLATE = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
-- type: max-score-picker
+- type: {prefix}
+{params}- type: max-score-picker
 - type: single-profile-handler
 schedulingProfiles:
 - name: default
@@ -42,8 +45,14 @@ schedulingProfiles:
     weight: 2
   - pluginRef: kv-cache-utilization-scorer
     weight: 2
+  - pluginRef: {prefix}
+    weight: 3
   - pluginRef: max-score-picker
 """
+DEFAULT_CONFIG = _DEFAULT_TEMPLATE.format(prefix="prefix-cache-scorer", params="")
+DEFAULT_PRECISE_CONFIG = _DEFAULT_TEMPLATE.format(
+    prefix="precise-prefix-cache-scorer",
+    params="  parameters: {tokenizer: {mode: render}}\n")
 
 # GIE's saturation detector defaults: a pod is "full" at 5 waiting requests or 80% KV.
 DEFAULT_QUEUE_DEPTH_THRESHOLD = 5
@@ -128,12 +137,14 @@ def _spec_from_text(text: str, source: str) -> ConfigSpec:
 
 
 def load_picker_config(text: str | None = None, *, source: str = "config",
+                       kv_events: bool = False,
                        deps: PluginDeps | None = None, timer: PluginTimer | None = None,
                        registry: PluginRegistry | None = None) -> PickerConfig:
     """Parse and compile an EndpointPickerConfig (the built-in default when ``text`` is
-    None). Raises :class:`ConfigError` naming the offending field."""
+    None: precise when ``kv_events``). Raises :class:`ConfigError` naming the field."""
     if text is None:
-        text, source = DEFAULT_CONFIG, "built-in default config"
+        text = DEFAULT_PRECISE_CONFIG if kv_events else DEFAULT_CONFIG
+        source = "built-in default config"
     spec = _spec_from_text(text, source)
     deps = deps or PluginDeps()
     registry = registry or default_registry()

@@ -10,6 +10,9 @@ _DURATION_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8
 # Scheduling buckets: 10 us (one cheap plugin) to 1 s (a pathological cycle).
 _SCHED_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                   0.05, 0.1, 0.25, 0.5, 1.0)
+# Prediction error buckets in tokens, symmetric around 0 (one block is 16 tokens).
+_ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -16.0, -1.0, 0.0, 15.0, 63.0, 255.0,
+                  1023.0, 4095.0)
 # Token-count buckets: powers of 2 from one token to 128k (the longest contexts served).
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
 
@@ -51,6 +54,19 @@ class EppMetrics:
         self.picks = Counter(
             "epp_endpoint_picks", "Requests sent to each endpoint (primary pick).",
             ("endpoint",), registry=r)
+        self.prefix_hit_ratio = Histogram(
+            "epp_prefix_cache_hit_ratio",
+            "Share of the prompt the chosen endpoint was predicted to hold in cache.",
+            ("source",), buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
+        self.index_accuracy = Histogram(
+            "epp_kv_index_prediction_error_tokens",
+            "Engine-reported cached tokens minus the cached tokens the index predicted "
+            "(0 = exact; negative = the index thought more was cached).",
+            buckets=_ERROR_BUCKETS, registry=r)
+        self.index_mispredictions = Counter(
+            "epp_kv_index_mispredictions",
+            "Responses whose cached tokens differ from the prediction by a block or more.",
+            ("direction",), registry=r)
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:

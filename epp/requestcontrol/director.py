@@ -16,6 +16,7 @@ from epp.api.openai import LLMRequest, parse_request
 from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
+from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError
@@ -42,6 +43,15 @@ class Scheduler(Protocol):
 
     def schedule(self, ctx: SchedulingContext, candidates: Sequence[Endpoint],
                  explain: bool = False) -> SchedulingResult: ...
+
+
+class DataProducer(Protocol):
+    """Computes per-request data once, before scheduling (e.g. the prefix match)."""
+
+    name: str
+
+    async def produce(self, request: LLMRequest | None,
+                      candidates: Sequence[Endpoint]) -> PrefixMatch | None: ...
 
 
 class PreRequest(Protocol):
@@ -140,12 +150,14 @@ class Director:
     schedule -> pre-request hooks; and closes it: in-flight load, metrics, hooks."""
 
     def __init__(self, pool: EndpointSource, scheduler: Scheduler, admission: Admission,
-                 metrics: EppMetrics, *, pre_request: Sequence[PreRequest] = (),
+                 metrics: EppMetrics, *, producers: Sequence[DataProducer] = (),
+                 pre_request: Sequence[PreRequest] = (),
                  response_complete: Sequence[ResponseComplete] = ()) -> None:
         self._pool = pool
         self.scheduler = scheduler
         self.admission = admission
         self._metrics = metrics
+        self._producers = list(producers)
         self._pre_request = list(pre_request)
         self._response_complete = list(response_complete)
         self._e2e = metrics.scheduler_e2e
@@ -182,6 +194,12 @@ class Director:
     ) -> RequestHandle:
         """Parse, admit, schedule. Raises :class:`RequestError` to refuse."""
         ctx, candidates = self.prepare(headers, body, subset)
+        for producer in self._producers:
+            match = await producer.produce(ctx.request, candidates)
+            if match is not None:
+                ctx.cycle[producer.name] = match
+                if match.precise or PREFIX_MATCH_KEY not in ctx.cycle:
+                    ctx.cycle[PREFIX_MATCH_KEY] = match
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(ctx, candidates)
@@ -191,12 +209,18 @@ class Director:
         if not result.endpoints:
             raise UnschedulableError("no endpoint can serve this request")
         remove = tuple(h for h in CONTROL_HEADERS if h in headers)
-        tokens = estimate_prompt_tokens(ctx.request)
+        match = ctx.cycle.get(PREFIX_MATCH_KEY)
+        tokens = match.prompt_tokens if match is not None else estimate_prompt_tokens(
+            ctx.request)
         handle = RequestHandle(self, ctx, result, remove, tokens)
         for hook in self._pre_request:
             hook.pre_request(ctx, result, handle.set_headers)
         primary = result.endpoints[0]
         primary.state.load.add(tokens)
+        if match is not None and match.prompt_tokens:
+            self._metrics.prefix_hit_ratio.labels("precise" if match.precise else "approximate"
+                                                  ).observe(match.cached_tokens(primary.name)
+                                                            / match.prompt_tokens)
         model = ctx.model
         self._metrics.requests.labels(model, model).inc()
         self._metrics.picks.labels(primary.name).inc()
@@ -216,11 +240,25 @@ class Director:
             if handle.usage is not None:
                 m.input_tokens.labels(model, model).observe(handle.usage.prompt_tokens)
                 m.output_tokens.labels(model, model).observe(handle.usage.completion_tokens)
+                self._check_prediction(handle)
         for hook in self._response_complete:
             try:
                 hook.response_complete(handle.ctx, handle.result, status, handle.usage)
             except Exception:  # a hook must not break the stream's teardown
                 log.exception("response-complete hook %s failed", hook.name)
+
+    def _check_prediction(self, handle: RequestHandle) -> None:
+        """Compare the cached tokens we predicted with what the engine reported."""
+        match = handle.ctx.cycle.get(PREFIX_MATCH_KEY)
+        usage = handle.usage
+        if match is None or not match.precise or usage is None or usage.cached_tokens is None:
+            return
+        predicted = match.predicted_engine_cached(handle.endpoints[0].name)
+        diff = usage.cached_tokens - predicted
+        self._metrics.index_accuracy.observe(diff)
+        if abs(diff) >= match.block_size:
+            self._metrics.index_mispredictions.labels(
+                "over" if diff < 0 else "under").inc()
 
     def on_rejected(self, headers: Mapping[str, str], error: RequestError) -> None:
         """A request was refused before routing; count it."""

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from epp.sim.kv_events import KVEventsConfig
+
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # vLLM's default batch is 256 sequences on GPUs; the sim scales it down so queues form at
 # the tens of concurrent requests that tests and a laptop-sized load can produce.
@@ -20,6 +22,14 @@ DEFAULT_KV_CAPACITY_TOKENS = DEFAULT_MAX_NUM_SEQS * KV_TOKENS_PER_SEQ
 # vLLM defaults --max-loras to 1; 4 lets one sim pod hold several adapters in a batch, the
 # situation LoRA-affinity routing is about.
 DEFAULT_MAX_LORAS = 4
+# The CLI's tokenizer: real Qwen3.5/3.6 token ids (``SimConfig()`` itself has none and
+# estimates prompt lengths, which keeps library use free of tokenizer files).
+DEFAULT_TOKENIZER = "qwen"
+TOKENIZERS = ("qwen", "bytes", "hf")  # "hf" loads ``tokenizer_dir``
+# The CLI's prefill rate. An 8B model needs ~2 x 8e9 = 16 GFLOP per prompt token; an H100
+# gives ~990 TFLOP/s dense BF16 and prefill reaches ~35% of it, ~350 TFLOP/s, i.e. ~22K
+# tokens/s; rounded down to 20K. ``SimConfig()`` itself prefills instantly (0).
+DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +41,12 @@ class SimConfig:
     sequence of names and is stored as a tuple so the config stays hashable.
     ``lora_names`` are LoRA adapters served on top of the base model (requests name them
     in ``model``), at most ``max_loras`` of them in one batch.
+
+    ``tokenizer`` (one of ``TOKENIZERS``, None: prompt lengths estimated, text prompts not
+    cached) turns prompts into token ids; the prefix cache of ``num_gpu_blocks`` blocks
+    (plus ``cpu_offload_blocks`` on a CPU tier) keys them, and prefill of the uncached
+    tokens takes ``1 / prefill_tokens_per_s`` each (0: no time). ``kv_events`` publishes
+    the cache's changes over ZMQ as vLLM does.
     """
 
     host: str = "127.0.0.1"
@@ -46,6 +62,12 @@ class SimConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     lora_names: Sequence[str] = ()
     max_loras: int = DEFAULT_MAX_LORAS
+    tokenizer: str | None = None
+    tokenizer_dir: str | None = None
+    prefill_tokens_per_s: float = 0.0
+    enable_prefix_caching: bool = True
+    cpu_offload_blocks: int = 0
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -57,9 +79,8 @@ class SimConfig:
             object.__setattr__(self, "advertise", f"{self.host}:{self.port}")
         else:
             _check_address(self.advertise)
-        object.__setattr__(
-            self, "served_model_names", _check_models(self.served_model_names, "served_model_names")
-        )
+        served = _check_models(self.served_model_names, "served_model_names")
+        object.__setattr__(self, "served_model_names", served)
         for name in ("ttft_ms", "itl_ms"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -82,6 +103,26 @@ class SimConfig:
         if clash:
             raise ValueError(f"lora_names repeat served model names: {sorted(clash)!r}")
         object.__setattr__(self, "lora_names", loras)
+        self._check_cache_settings()
+
+    def _check_cache_settings(self) -> None:
+        if self.tokenizer is not None and self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if (self.tokenizer == "hf") != (self.tokenizer_dir is not None):
+            raise ValueError("tokenizer_dir is required with tokenizer 'hf', and only with it")
+        rate = self.prefill_tokens_per_s
+        if not _is_number(rate) or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"prefill_tokens_per_s must be a finite number >= 0, got {rate!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError("enable_prefix_caching must be a boolean")
+        if not _is_int(self.cpu_offload_blocks) or self.cpu_offload_blocks < 0:
+            raise ValueError(
+                f"cpu_offload_blocks must be an integer >= 0, got {self.cpu_offload_blocks!r}"
+            )
+        if not isinstance(self.kv_events, KVEventsConfig):
+            raise ValueError(f"kv_events must be a KVEventsConfig, got {self.kv_events!r}")
+        if self.kv_events.enabled and not self.enable_prefix_caching:
+            raise ValueError("kv_events need enable_prefix_caching")  # as in vLLM
 
     @property
     def default_model(self) -> str:
@@ -97,6 +138,11 @@ class SimConfig:
     def model_names(self) -> tuple[str, ...]:
         """Every name a request may put in ``model``: served names, then adapters."""
         return (*self.served_model_names, *self.lora_names)
+
+    @property
+    def lora_ids(self) -> dict[str, int]:
+        """vLLM's integer id of each adapter (1, 2, ... in the order served)."""
+        return {name: index for index, name in enumerate(self.lora_names, start=1)}
 
 
 def _is_int(value: object) -> bool:

@@ -4,6 +4,10 @@ The HTTP layer turns OpenAI requests into ``GenerationRequest``s, asks the engin
 ``plan`` each one (what it will answer) and then to ``generate`` it (spending the
 configured time-to-first-token and inter-token latency).
 
+A request that starts running first looks its prompt up in the prefix cache (when one
+is configured): prefill of the uncached tokens takes ``1 / prefill_tokens_per_s`` each
+before the first token, on top of ``ttft_ms``.
+
 A small service model makes queues real: at most ``max_num_seqs`` sequences run at once
 (and at most ``max_loras`` distinct LoRA adapters among them); the rest wait in FIFO
 order, as in vLLM's scheduler. Running sequences hold KV cache for their prompt and the
@@ -16,7 +20,7 @@ import asyncio
 import json
 import math
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +31,7 @@ from epp.sim.config import (
     DEFAULT_MAX_NUM_SEQS,
     SimConfig,
 )
+from epp.sim.kvcache import CacheLease, PrefixCache
 
 TokenCounter = Callable[[str], int]
 
@@ -81,15 +86,19 @@ class GenerationRequest:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completion:
-    """What the engine answers for one ``GenerationRequest``."""
+    """What the engine answers for one ``GenerationRequest``.
+
+    ``cached_tokens`` is filled in when the request starts prefill (mutable for that).
+    """
 
     prompt_tokens: int
     tokens: tuple[str, ...]
     cached_tokens: int = 0
     finish_reason: str = "length"
     lora: str | None = None  # the LoRA adapter serving it, None for the base model
+    prompt_token_ids: tuple[int, ...] | None = None  # None: a text prompt, no tokenizer
 
     @property
     def completion_tokens(self) -> int:
@@ -114,6 +123,8 @@ class EngineStats:
     requests_aborted: int = 0  # the cut-short ones (vLLM's finished_reason="abort")
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which cached
 
 
 def output_tokens(count: int) -> tuple[str, ...]:
@@ -207,11 +218,15 @@ class Engine:
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
         max_loras: int = DEFAULT_MAX_LORAS,
+        prefill_tokens_per_s: float = 0.0,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if max_num_seqs < 1 or kv_capacity_tokens < 1 or max_loras < 1:
             raise ValueError("max_num_seqs, kv_capacity_tokens and max_loras must be >= 1")
         self._ttft_s = ttft_ms / 1000.0
         self._itl_s = itl_ms / 1000.0
+        self._prefill_s_per_token = 1.0 / prefill_tokens_per_s if prefill_tokens_per_s else 0.0
+        self.prefix_cache = prefix_cache
         self._count_tokens = count_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self.stats = EngineStats()
@@ -226,6 +241,13 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             kv_capacity_tokens=config.kv_capacity_tokens,
             max_loras=config.max_loras,
+            prefill_tokens_per_s=config.prefill_tokens_per_s,
+            prefix_cache=PrefixCache(
+                block_size=config.block_size,
+                num_gpu_blocks=config.num_gpu_blocks,
+                cpu_blocks=config.cpu_offload_blocks,
+                lora_ids=config.lora_ids,
+            ) if config.enable_prefix_caching else None,
         )
 
     @property
@@ -251,9 +273,28 @@ class Engine:
             prompt_tokens=self.count_prompt_tokens(request),
             tokens=output_tokens(request.max_tokens),
             lora=lora,
+            prompt_token_ids=request.prompt_token_ids,
         )
 
-    async def generate(self, completion: Completion) -> AsyncIterator[str]:
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache (no-op without one)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+
+    def _start_prefill(self, completion: Completion) -> tuple[CacheLease | None, float]:
+        """Look the prompt up in the prefix cache; returns the lease and prefill seconds."""
+        lease = None
+        cache = self.prefix_cache
+        if cache is not None:
+            if completion.prompt_token_ids is not None:
+                lease = cache.start(completion.prompt_token_ids, completion.lora)
+                completion.cached_tokens = lease.cached_tokens
+            self.stats.prefix_cache_queries += completion.prompt_tokens
+            self.stats.prefix_cache_hits += completion.cached_tokens
+        uncached = completion.prompt_tokens - completion.cached_tokens
+        return lease, uncached * self._prefill_s_per_token
+
+    async def generate(self, completion: Completion) -> AsyncGenerator[str, None]:
         """Wait for a batch slot, then yield the planned tokens in real time: ``ttft_ms``
         first, then ``itl_ms`` each.
 
@@ -264,14 +305,16 @@ class Engine:
         seq = _Sequence(completion.lora)
         stats.in_flight += 1
         emitted = held = 0
+        lease: CacheLease | None = None
         try:
             await self._batch.acquire(seq)
             loop = asyncio.get_running_loop()
+            lease, prefill_s = self._start_prefill(completion)
             stats.prompt_tokens_total += completion.prompt_tokens
             held = completion.prompt_tokens
             stats.kv_tokens += held
             # Absolute deadlines so per-token scheduling overhead does not accumulate.
-            deadline = loop.time() + self._ttft_s
+            deadline = loop.time() + self._ttft_s + prefill_s
             for index, token in enumerate(completion.tokens):
                 if index:
                     deadline += self._itl_s
@@ -284,6 +327,8 @@ class Engine:
                 emitted += 1
                 yield token
         finally:
+            if lease is not None and self.prefix_cache is not None:
+                self.prefix_cache.finish(lease)
             stats.kv_tokens -= held
             if seq.running:
                 self._batch.release(seq)

@@ -39,7 +39,7 @@ def usage(completions: Sequence[Completion]) -> JsonObject:
 def models_list(names: Sequence[str], created: int, adapters: Sequence[str] = ()) -> JsonObject:
     """The ``GET /v1/models`` body: served names, then LoRA adapters (parent: the base)."""
     base = names[0]
-    cards = [(name, name, None) for name in names]
+    cards: list[tuple[str, str, str | None]] = [(name, name, None) for name in names]
     cards += [(name, name, base) for name in adapters]
     return {
         "object": "list",

@@ -42,6 +42,14 @@ def decode_json_object(body: bytes) -> JsonObject:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatInput:
+    """A chat request's messages and tools as sent, for the model's chat template."""
+
+    messages: tuple[JsonObject, ...]
+    tools: tuple[JsonObject, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedRequest:
     """What a completions or chat request asks for, independent of the endpoint."""
 
@@ -49,6 +57,7 @@ class ParsedRequest:
     generations: tuple[GenerationRequest, ...]
     stream: bool
     include_usage: bool
+    chat: ChatInput | None = None  # chat requests only
 
 
 Parser = Callable[[JsonObject, Sequence[str], int], ParsedRequest]
@@ -89,7 +98,9 @@ def parse_chat(
     stream, include_usage = _stream_flags(payload)
     prompt = render_chat_prompt([_chat_message(i, m) for i, m in enumerate(messages)], tools)
     generation = GenerationRequest(prompt_text=prompt, max_tokens=max_tokens)
-    return ParsedRequest(_model(payload, served_models), (generation,), stream, include_usage)
+    chat = ChatInput(tuple(messages), tuple(tools) if tools is not None else None)
+    model = _model(payload, served_models)
+    return ParsedRequest(model, (generation,), stream, include_usage, chat)
 
 
 def _model(payload: JsonObject, served_models: Sequence[str]) -> str:

@@ -14,9 +14,9 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
-from typing import TypeVar, cast
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -59,7 +59,14 @@ SHUTDOWN_GRACE_S = 1.0
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-_DONE = object()  # sentinel: a stream in interleave() is exhausted
+
+
+class _Done:
+    """Sentinel type: a stream in ``_interleave()`` is exhausted."""
+
+
+_DONE = _Done()
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -238,11 +245,13 @@ async def _stream(
     return response
 
 
-def _sse(chunk: object) -> bytes:
+def _sse(chunk: Mapping[str, Any]) -> bytes:
     return b"data: " + encode(chunk) + b"\n\n"
 
 
-async def _interleave(streams: Sequence[AsyncIterator[_T]]) -> AsyncIterator[tuple[int, _T]]:
+async def _interleave(
+    streams: Sequence[AsyncIterator[_T]],
+) -> AsyncGenerator[tuple[int, _T], None]:
     """Advance all streams concurrently, yielding ``(stream index, item)`` step by step."""
     if len(streams) == 1:  # the common case needs no task per token
         async for item in streams[0]:
@@ -252,14 +261,14 @@ async def _interleave(streams: Sequence[AsyncIterator[_T]]) -> AsyncIterator[tup
     while active:
         indexes = list(active)
         steps = await asyncio.gather(*(_next(active[i]) for i in indexes))
-        for index, item in zip(indexes, steps):
-            if item is _DONE:
+        for index, step in zip(indexes, steps, strict=True):
+            if isinstance(step, _Done):
                 del active[index]
             else:
-                yield index, cast(_T, item)
+                yield index, step
 
 
-async def _next(stream: AsyncIterator[_T]) -> _T | object:
+async def _next(stream: AsyncIterator[_T]) -> _T | _Done:
     try:
         return await anext(stream)
     except StopAsyncIteration:

@@ -7,6 +7,7 @@ import pytest
 from epp.config import ConfigError
 from epp.config.picker_config import load_picker_config
 from epp.scheduling.plugins.pickers import MaxScorePicker
+from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer, PrefixCacheScorer
 from epp.scheduling.plugins.scorers import KVCacheUtilizationScorer, QueueScorer
 
 
@@ -14,8 +15,12 @@ def test_builtin_default_profile() -> None:
     cfg = load_picker_config()
     profile = cfg.scheduler.profiles["default"]
     assert [(type(w.scorer), w.weight) for w in profile.scorers] == [
-        (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0)]
+        (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0), (PrefixCacheScorer, 3.0)]
     assert isinstance(profile.picker, MaxScorePicker)
+    precise = load_picker_config(kv_events=True).scheduler.profiles["default"]
+    assert [(type(w.scorer), w.weight) for w in precise.scorers] == [
+        (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0), (PrecisePrefixCacheScorer, 3.0)]
+    assert precise.scorers[2].scorer.service.settings.tokenizer_mode == "render"
     assert cfg.saturation.queue_depth_threshold == 5
     assert cfg.saturation.kv_cache_util_threshold == 0.8
 

@@ -43,7 +43,7 @@ def test_parses_a_realistic_vllm_page() -> None:
     assert metrics == ServerMetrics(
         waiting=3,
         running=7,
-        kv_cache_usage=pytest.approx(0.4213362068965517),
+        kv_cache_usage=0.4213362068965517,  # printed with repr(), so it reads back exactly
         running_loras=frozenset({"sql-lora", "chat-lora"}),  # the newer of two series
         waiting_loras=frozenset({"summarize-lora"}),
         max_lora=4,
@@ -62,13 +62,15 @@ def test_falls_back_to_gpu_cache_usage_perc() -> None:
 
 def test_data_parallel_engines_sum_queues_and_average_usage() -> None:
     lines = []
-    for engine, (waiting, running, usage, blocks) in enumerate([(1, 4, 0.2, 1000), (5, 6, 0.6, 1000)]):
+    ranks = [(1, 4, 0.2, 1000), (5, 6, 0.6, 1000)]
+    for engine, (waiting, running, usage, blocks) in enumerate(ranks):
         labels = f'{{engine="{engine}",model_name="m"}}'
         lines += [
             f"vllm:num_requests_waiting{labels} {waiting}.0",
             f"vllm:num_requests_running{labels} {running}.0",
             f"vllm:kv_cache_usage_perc{labels} {usage}",
-            f'vllm:cache_config_info{{block_size="16",engine="{engine}",num_gpu_blocks="{blocks}"}} 1.0',
+            f'vllm:cache_config_info{{block_size="16",engine="{engine}",'
+            f'num_gpu_blocks="{blocks}"}} 1.0',
         ]
     # Group each family's lines together, as the exposition format requires.
     lines.sort(key=lambda line: line.split("{")[0])
@@ -161,6 +163,7 @@ class FakePod:
         self.page = page(waiting=3, running=1, usage=0.25)
         self.status = 200
         self.hang = False
+        self.chunked = False  # stream the page without a Content-Length
         self.hits = 0
         self.hit_times: list[float] = []
         self._release = asyncio.Event()  # ends hanging handlers at teardown
@@ -186,11 +189,19 @@ class FakePod:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         self.hit_times.append(time.monotonic())
         if self.hang:
             await self._release.wait()
+        if self.chunked:
+            response = web.StreamResponse(status=self.status)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for offset in range(0, len(self.page), 256):
+                await response.write(self.page[offset:offset + 256])
+            await response.write_eof()
+            return response
         return web.Response(body=self.page, status=self.status, content_type="text/plain")
 
 
@@ -324,8 +335,7 @@ async def test_connection_refused() -> None:
     assert ep is not None
     async with MetricsScraper(pool, interval_s=0.02):
         await eventually(lambda: ep.state.scrape_error is not None)
-        assert ep.state.scrape_error.startswith("cannot connect")
-        assert "refused" in ep.state.scrape_error.lower()
+        assert ep.state.scrape_error == "cannot connect: Connection refused"
 
 
 @pytest.mark.asyncio
@@ -374,3 +384,20 @@ async def test_start_twice_and_stop_idempotent() -> None:
     await scraper.stop()
     with pytest.raises(ValueError):
         MetricsScraper(EndpointPool(), interval_s=0)
+
+
+@pytest.mark.asyncio
+async def test_oversized_page_is_refused(
+    pods: PodFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("epp.datalayer.scraper.MAX_PAGE_BYTES", 1000)
+    sized, chunked, small = await pods(3)
+    sized.page = chunked.page = page(extra="# padding\n" * 200)
+    chunked.chunked = small.chunked = True
+    pool = pool_of(sized, chunked, small)
+    async with MetricsScraper(pool, interval_s=0.02):
+        ep = endpoint(pool, small)  # a chunked page within the limit reads fine
+        await eventually(lambda: ep.state.metrics.waiting == 3)
+        states = [endpoint(pool, pod).state for pod in (sized, chunked)]
+        await eventually(lambda: all(state.scrape_error for state in states))
+        assert all("exceeds 1000" in (state.scrape_error or "") for state in states)

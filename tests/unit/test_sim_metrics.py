@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,11 +20,12 @@ from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, GenerationRequest
 from epp.sim.server import build_app
 
+Client = TestClient[web.Request, web.Application]
 COMPLETIONS = "/v1/completions"
 PROMPT = "x" * 400  # 100 tokens by the sim's 4-characters-per-token estimate
 
 
-async def scrape(client: TestClient) -> tuple[ServerMetrics, dict[str, float]]:
+async def scrape(client: Client) -> tuple[ServerMetrics, dict[str, float]]:
     """GET /metrics; parse it with the EPP's parser and, fully, with prometheus_client."""
     response = await client.get("/metrics")
     assert response.status == 200
@@ -38,7 +40,7 @@ async def scrape(client: TestClient) -> tuple[ServerMetrics, dict[str, float]]:
 
 
 async def scrape_until(
-    client: TestClient, condition: Callable[[ServerMetrics], bool], timeout: float = 3.0
+    client: Client, condition: Callable[[ServerMetrics], bool], timeout: float = 3.0
 ) -> tuple[ServerMetrics, dict[str, float]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -50,7 +52,7 @@ async def scrape_until(
         await asyncio.sleep(0.005)
 
 
-async def complete(client: TestClient, model: str = "qwen3") -> Any:
+async def complete(client: Client, model: str = "qwen3") -> Any:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 1}
     response = await client.post(COMPLETIONS, json=body)
     assert response.status == 200, await response.text()
@@ -118,7 +120,8 @@ async def test_lora_adapters_appear_and_max_loras_limits_the_batch() -> None:
         assert raw.count(b"vllm:lora_requests_info{") >= 2
         metrics = parse_metrics(raw)
         assert metrics.running_loras == frozenset() and metrics.waiting_loras == frozenset()
-        assert (await client.post(COMPLETIONS, json={"model": "nope", "prompt": "x"})).status == 404
+        unknown = await client.post(COMPLETIONS, json={"model": "nope", "prompt": "x"})
+        assert unknown.status == 404
 
 
 @pytest.mark.asyncio
@@ -192,7 +195,7 @@ def test_cli_flags_and_validation() -> None:
     assert (defaults.max_num_seqs, defaults.kv_capacity_tokens, defaults.block_size) == (
         8, 8192, 16)
     assert (defaults.lora_names, defaults.max_loras, defaults.num_gpu_blocks) == ((), 4, 512)
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"block_size": 0}, "block_size"),
         ({"kv_capacity_tokens": 8}, "kv_capacity_tokens"),

@@ -1,6 +1,6 @@
 """Built-in scheduling plugins (filters, scorers, pickers, profile handlers)."""
 
-from epp.scheduling.plugins import filters, handlers, lora, pickers, scorers
+from epp.scheduling.plugins import filters, handlers, lora, pickers, prefix, scorers
 from epp.scheduling.registry import PluginRegistry
 
 BUILTIN_PLUGINS = (
@@ -9,6 +9,8 @@ BUILTIN_PLUGINS = (
     scorers.LoadAwareScorer,
     scorers.RunningRequestsSizeScorer,
     lora.LoraAffinityScorer,
+    prefix.PrecisePrefixCacheScorer,
+    prefix.PrefixCacheScorer,
     pickers.MaxScorePicker,
     pickers.RandomPicker,
     pickers.WeightedRandomPicker,

@@ -1,0 +1,160 @@
+"""Prefix-match producers: run once per request before scheduling, store a
+:class:`PrefixMatch` in the cycle state for scorers, the P/D decider and metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import xxhash
+
+from epp.api.openai import ChatPrompt, LLMRequest, TextPrompt, TokenPrompt
+from epp.datastore import Endpoint
+from epp.kvcache.index import BlockIndex, EndpointMatch
+from epp.kvcache.keys import chain_keys
+from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
+from epp.kvcache.tokens import PromptTokenizer, TokenizationError
+
+log = logging.getLogger(__name__)
+
+# vLLM's default block size (tokens per KV block).
+DEFAULT_BLOCK_SIZE = 16
+# Longest prefix considered: 256 blocks of 16 = 4k tokens by GIE's default; ours is
+# larger because exact lookups are cheap (O(blocks)): 8,192 blocks = 128k tokens.
+DEFAULT_MAX_PREFIX_BLOCKS = 8192
+
+
+class PreciseProducer:
+    """Tokens -> block keys -> the block index (engine KV events)."""
+
+    name = "precise-prefix-match"
+
+    def __init__(self, index: BlockIndex, tokenizer: PromptTokenizer, *,
+                 block_size: int | Callable[[Sequence[Endpoint]], int] = DEFAULT_BLOCK_SIZE,
+                 max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS) -> None:
+        self.index = index
+        self.tokenizer = tokenizer
+        self._block_size = block_size
+        self.max_blocks = max_blocks
+        self.failures = 0
+
+    def block_size(self, candidates: Sequence[Endpoint]) -> int:
+        """The configured block size, or the one the engines report."""
+        bs = self._block_size
+        return bs(candidates) if callable(bs) else bs
+
+    async def produce(self, request: LLMRequest | None, candidates: Sequence[Endpoint]
+                      ) -> PrefixMatch | None:
+        """Compute the match, or None when the request has no prompt to match."""
+        if request is None or request.prompt is None:
+            return None
+        try:
+            tokens = await self.tokenizer.tokens(request, candidates)
+        except TokenizationError as exc:
+            self.failures += 1
+            log.warning("routing without prefix data: %s", exc)
+            return None
+        bs = self.block_size(candidates)
+        lora = request.model if request.model in self.index.known_loras else None
+        keys = chain_keys(tokens, bs, self.index.root(lora), self.max_blocks)
+        matches = self.index.match(keys, [e.name for e in candidates])
+        return PrefixMatch(True, len(tokens), bs, len(keys), matches)
+
+
+def approximate_text(request: LLMRequest) -> str:
+    """The text the approximate scorer hashes (no chat template: it has none)."""
+    prompt = request.prompt
+    if isinstance(prompt, TextPrompt):
+        return prompt.texts[0]
+    if isinstance(prompt, ChatPrompt):
+        return "".join(f"<{m.role}>{m.text}" for m in prompt.messages)
+    if isinstance(prompt, TokenPrompt):
+        return ",".join(map(str, prompt.sequences[0]))
+    return ""
+
+
+class RoutingHistory:
+    """Per-endpoint LRU of the approximate block hashes routed there (GIE semantics)."""
+
+    def __init__(self, capacity_per_endpoint: int) -> None:
+        self.capacity = capacity_per_endpoint
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+
+    def record(self, endpoint: str, keys: Sequence[int]) -> None:
+        """The request with these keys was routed to ``endpoint``."""
+        lru = self._lru.setdefault(endpoint, OrderedDict())
+        for k in keys:
+            lru[k] = None
+            lru.move_to_end(k)
+        while len(lru) > self.capacity:
+            lru.popitem(last=False)
+
+    def forget(self, endpoint: str) -> None:
+        """Drop an endpoint's history (it left the pool)."""
+        self._lru.pop(endpoint, None)
+
+    def match(self, keys: Sequence[int], endpoint: str) -> int:
+        """Consecutive leading keys found in the endpoint's history."""
+        lru = self._lru.get(endpoint)
+        if not lru:
+            return 0
+        n = 0
+        for k in keys:
+            if k not in lru:
+                break
+            n += 1
+        return n
+
+
+class ApproximateProducer:
+    """Character blocks (block size x 4 characters) hashed in a chain seeded by the model;
+    matched against what this EPP routed to each endpoint."""
+
+    name = "approximate-prefix-match"
+
+    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int = 256,
+                 capacity_per_endpoint: int = 31_250) -> None:
+        self.block_size = block_size
+        self.chars_per_block = 4 * block_size  # ~4 characters per token
+        self.max_blocks = max_blocks
+        self.history = RoutingHistory(capacity_per_endpoint)
+
+    def keys(self, request: LLMRequest) -> list[int]:
+        """Chained hashes of the prompt's full character blocks."""
+        text = approximate_text(request).encode("utf-8", "surrogatepass")
+        salt = request.body.get("cache_salt")
+        seed = xxhash.xxh3_64_intdigest(f"{request.model}\x00{salt or ''}".encode())
+        step = self.chars_per_block
+        n = min(len(text) // step, self.max_blocks)
+        keys = []
+        view = memoryview(text)
+        for off in range(0, n * step, step):
+            seed = xxhash.xxh3_64_intdigest(view[off:off + step], seed)
+            keys.append(seed)
+        return keys
+
+    async def produce(self, request: LLMRequest | None, candidates: Sequence[Endpoint]
+                      ) -> PrefixMatch | None:
+        """Match the request against routing history."""
+        if request is None or request.prompt is None:
+            return None
+        keys = self.keys(request)
+        matches = {}
+        for e in candidates:
+            n = self.history.match(keys, e.name)
+            matches[e.name] = EndpointMatch(n, n)
+        tokens_estimate = (request.prompt_chars() + 3) // 4
+        return PrefixMatch(False, tokens_estimate, self.block_size, len(keys), matches,
+                           keys=tuple(keys))
+
+
+def record_routing(producer: ApproximateProducer, match: PrefixMatch | None,
+                   endpoint: Endpoint) -> None:
+    """After routing: the chosen endpoint will hold this prompt's blocks."""
+    if match is not None and not match.precise:
+        producer.history.record(endpoint.name, match.keys)
+
+
+__all__ = ["PREFIX_MATCH_KEY", "ApproximateProducer", "PreciseProducer", "RoutingHistory",
+           "approximate_text", "record_routing"]

@@ -1,0 +1,109 @@
+"""The precise prefix-cache machinery of one EPP: block index, KV-event subscribers,
+prompt tokenizer and the producer that ties them together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from epp.api.openai import LLMRequest
+from epp.datastore import Endpoint, EndpointPool
+from epp.kvcache.index import DEFAULT_CAPACITY_BLOCKS, BlockIndex
+from epp.kvcache.producer import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFIX_BLOCKS, PreciseProducer
+from epp.kvcache.subscriber import KVEventsManager
+from epp.kvcache.tokens import (
+    LocalPromptTokenizer,
+    PromptTokenizer,
+    RenderPromptTokenizer,
+    TokenizationError,
+)
+from epp.tokenization.local import LocalTokenizer
+from epp.tokenization.qwen import ensure_qwen_tokenizer
+
+log = logging.getLogger(__name__)
+
+# vLLM's default KV-events publisher port; its replay ROUTER conventionally sits on +1.
+DEFAULT_KV_EVENTS_PORT = 5557
+BUILTIN_TOKENIZERS = ("qwen3.6",)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSettings:
+    """How the precise prefix cache is fed and keyed."""
+
+    model: str = ""
+    block_size: int | None = None  # None: from the engines' vllm:cache_config_info, else 16
+    max_prefix_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS
+    capacity_blocks: int | None = None  # None: from the fleet's num_gpu_blocks
+    tokenizer_mode: str = "local"  # local | render
+    tokenizer: str = "qwen3.6"  # a built-in name or a directory with tokenizer.json
+    kv_events_port: int = DEFAULT_KV_EVENTS_PORT
+    replay_port_offset: int | None = 1  # None: no replay socket
+    kv_events_bind: str | None = None  # central mode: the EPP binds, engines connect
+    topic_filter: bool = True
+
+
+class KVCacheService:
+    """Owns the index and its feeders; the runner starts and stops it."""
+
+    def __init__(self, settings: KVCacheSettings) -> None:
+        self.settings = settings
+        self.index = BlockIndex(model=settings.model,
+                                capacity_blocks=settings.capacity_blocks or DEFAULT_CAPACITY_BLOCKS)
+        self.tokenizer: PromptTokenizer | None = None
+        self._render: RenderPromptTokenizer | None = None
+        self.manager: KVEventsManager | None = None
+        self.producer = PreciseProducer(self.index, self, block_size=self._block_size,
+                                        max_blocks=settings.max_prefix_blocks)
+
+    async def tokens(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> list[int]:
+        """The producer's tokenizer: whichever mode is configured, once loaded."""
+        if self.tokenizer is None:
+            raise TokenizationError("tokenizer not loaded yet")
+        return await self.tokenizer.tokens(request, candidates)
+
+    def _block_size(self, candidates: Sequence[Endpoint]) -> int:
+        if self.settings.block_size is not None:
+            return self.settings.block_size
+        for e in candidates:  # engines of one pool share a block size
+            reported = e.state.metrics.block_size
+            if reported:
+                return reported
+        return DEFAULT_BLOCK_SIZE
+
+    async def start(self, pool: EndpointPool) -> None:
+        """Load the tokenizer (in a thread: it takes seconds) and start subscribers."""
+        s = self.settings
+        if s.tokenizer_mode == "render":
+            self._render = RenderPromptTokenizer()
+            self.tokenizer = self._render
+        else:
+            self.tokenizer = await asyncio.to_thread(load_local_tokenizer, s.tokenizer)
+        self.manager = KVEventsManager(
+            pool, self.index, default_port=s.kv_events_port,
+            replay_port_offset=s.replay_port_offset, topic_filter=s.topic_filter,
+            bind=s.kv_events_bind)
+        await self.manager.start()
+        if s.capacity_blocks is None:
+            pool.add_listener(self._resize)
+
+    def _resize(self, endpoints: tuple[Endpoint, ...]) -> None:
+        total = sum(e.state.metrics.num_gpu_blocks or 0 for e in endpoints)
+        if total:
+            self.index.capacity_blocks = max(total, 1)
+
+    async def stop(self) -> None:
+        """Stop subscribers and close HTTP sessions."""
+        if self.manager is not None:
+            await self.manager.stop()
+        if self._render is not None:
+            await self._render.close()
+
+
+def load_local_tokenizer(source: str) -> LocalPromptTokenizer:
+    """A built-in tokenizer by name, or an HF tokenizer directory (blocking: seconds)."""
+    path = ensure_qwen_tokenizer() if source in BUILTIN_TOKENIZERS else Path(source)
+    return LocalPromptTokenizer(LocalTokenizer.from_dir(path))
