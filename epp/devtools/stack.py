@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from epp.devtools import envoy as envoy_cfg
-from epp.devtools.procs import Process, free_port, python_module, wait_for_http
+from epp.devtools.procs import Process, free_port, free_port_pair, python_module, wait_for_http
 
 
 @dataclass
@@ -23,15 +23,18 @@ class StackPorts:
     epp_health: int
     epp_metrics: int
     sims: list[int] = field(default_factory=list)
+    kv_events: list[int] = field(default_factory=list)  # per sim; replay on port + 1
 
     @classmethod
-    def free(cls, sims: int) -> StackPorts:
+    def free(cls, sims: int, kv_events: bool = False) -> StackPorts:
         return cls(free_port(), free_port(), free_port(), free_port(), free_port(),
-                   [free_port() for _ in range(sims)])
+                   [free_port() for _ in range(sims)],
+                   [free_port_pair() for _ in range(sims)] if kv_events else [])
 
     @classmethod
-    def default(cls, sims: int) -> StackPorts:
-        return cls(8081, 9901, 9002, 9003, 9090, [8001 + i for i in range(sims)])
+    def default(cls, sims: int, kv_events: bool = False) -> StackPorts:
+        return cls(8081, 9901, 9002, 9003, 9090, [8001 + i for i in range(sims)],
+                   [5557 + 10 * i for i in range(sims)] if kv_events else [])
 
 
 class LocalStack:
@@ -76,8 +79,13 @@ class LocalStack:
     def start_sims(self) -> None:
         """Start one epp-sim per sim port and write the endpoints file for them."""
         for i, port in enumerate(self.ports.sims):
+            kv = []
+            if self.ports.kv_events:
+                kv_port = self.ports.kv_events[i]
+                kv = ["--kv-events-port", str(kv_port),
+                      "--kv-events-replay-port", str(kv_port + 1)]
             proc = Process(f"sim-{i}", python_module(
-                "epp.sim", "--host", "127.0.0.1", "--port", str(port), *self.sim_args,
+                "epp.sim", "--host", "127.0.0.1", "--port", str(port), *kv, *self.sim_args,
                 *self.per_sim_args.get(i, [])),
                 self.work_dir)
             self.sims.append(proc)
@@ -87,8 +95,14 @@ class LocalStack:
 
     def write_endpoints(self, addresses: Sequence[str]) -> None:
         """(Re)write the static endpoints file the EPP watches."""
-        doc = {"endpoints": [{"name": f"sim-{i}", "address": a}
-                             for i, a in enumerate(addresses)]}
+        entries: list[dict[str, str]] = []
+        for i, a in enumerate(addresses):
+            entry = {"name": f"sim-{i}", "address": a}
+            if self.ports.kv_events:
+                index = self.sim_addresses.index(a) if a in self.sim_addresses else i
+                entry["kvEvents"] = f"tcp://127.0.0.1:{self.ports.kv_events[index]}"
+            entries.append(entry)
+        doc = {"endpoints": entries}
         tmp = self.endpoints_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc), encoding="utf-8")
         tmp.replace(self.endpoints_file)  # atomic: the EPP never reads half a file

@@ -161,9 +161,7 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     Events of unknown types are skipped and counted in ``unknown_events``; anything
     else that does not fit raises :class:`KVEventDecodeError`.
     """
-    if not payload:
-        raise KVEventDecodeError("empty payload")
-    kind = _msgpack_container(payload[0])
+    kind = _msgpack_container(payload[0]) if payload else None
     if kind is not None:
         for decoder in _ARRAY_BATCH_DECODERS if kind == "array" else _MAP_BATCH_DECODERS:
             try:
@@ -179,6 +177,8 @@ def decode_batch(payload: bytes) -> KVEventBatch:
 
 def _decode_generic(payload: bytes) -> KVEventBatch:
     """The tolerant path: plain objects first, then each event onto its Struct."""
+    if not payload:
+        raise KVEventDecodeError("empty payload")
     try:
         obj = _ANY_DECODER.decode(payload)
     except msgspec.DecodeError as exc:

@@ -181,30 +181,35 @@ class _Stream:
             self.applied_last = None
             self._history_lost = self._fetch is None
         self.live_last = seq
+        if self.applied_last is not None and seq <= self.applied_last:
+            return  # already applied (defensive: replays stop short of live messages)
         expected = self._next_expected()
         if seq > expected:
-            if self.applied_last is not None:
+            had_history = self.applied_last is not None
+            if had_history:
                 stats.gaps += 1
                 self._logs.warning("gap", "kv events %s: gap, expected %d got %d",
                                    self.name, expected, seq)
-            await self._replay(expected, reapply=False)
-        if self.applied_last is None or seq > self.applied_last:
-            expected = self._next_expected()
-            if seq > expected and self.applied_last is not None:
-                stats.lost += seq - expected
-            self._apply(seq, payload, replayed=False)
+            await self._replay(expected, until=seq, reapply=False)
+            if had_history:
+                stats.lost += seq - self._next_expected()
+        self._apply(seq, payload, replayed=False)
         if self._resync_due:
             self._resync_due = False
             self._last_resync = time.monotonic()
-            await self._replay(0, reapply=True)
+            await self._replay(0, until=self._next_expected(), reapply=True)
 
     def _next_expected(self) -> int:
         return 0 if self.applied_last is None else self.applied_last + 1
 
-    async def _replay(self, start: int, *, reapply: bool) -> None:
-        """Replay from ``start``; ``reapply`` also re-delivers batches already applied
-        (a resync: re-applying a prefix of the stream in order leaves the index as it
-        was, plus whatever it could not key before)."""
+    async def _replay(self, start: int, *, until: int, reapply: bool) -> None:
+        """Apply replayed batches with ``start <= seq < until``; later ones also arrive
+        live (they are queued in the SUB), so the replay stops there.
+
+        ``reapply`` re-delivers batches already applied: a resync. Re-applying a prefix
+        of the stream in order leaves the index as it was, plus what it could not key
+        the first time.
+        """
         if self._fetch is None or time.monotonic() < self._replay_blocked_until:
             return
         self._stats.replays += 1
@@ -212,6 +217,8 @@ class _Stream:
         try:
             async with contextlib.aclosing(self._fetch(start)) as replayed:
                 async for seq, payload in replayed:
+                    if seq >= until:
+                        break
                     if first is None:
                         first = seq
                     if reapply or self.applied_last is None or seq > self.applied_last:
@@ -223,12 +230,13 @@ class _Stream:
                                "not asking again for %.0fs", self.name,
                                self._settings.replay_timeout, self._settings.replay_backoff)
             return
-        if start == 0 and (first is None or first > 0):
+        if start == 0 and first != 0:
             self._history_lost = True
 
     def _apply(self, seq: int, payload: bytes, *, replayed: bool) -> None:
         stats = self._stats
-        self.applied_last = seq  # also when undecodable: replay would not fix it
+        if self.applied_last is None or seq > self.applied_last:
+            self.applied_last = seq  # also when undecodable: replay would not fix it
         try:
             batch = decode_batch(payload)
         except KVEventDecodeError as exc:

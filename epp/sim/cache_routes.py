@@ -20,7 +20,13 @@ from epp.sim.config import SimConfig
 from epp.sim.engine import Engine
 from epp.sim.formatting import JsonObject
 from epp.sim.kv_events import KVEventPublisher
-from epp.sim.parsing import ApiError, Parser, decode_json_object, parse_chat, parse_completions
+from epp.sim.parsing import (
+    ApiError,
+    Parser,
+    decode_json_object,
+    parse_chat,
+    parse_completions,
+)
 from epp.sim.prompts import RenderedPrompt, Tokenizer, render_prompts
 
 

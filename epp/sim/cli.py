@@ -13,8 +13,11 @@ from epp.sim.config import (
     DEFAULT_KV_CAPACITY_TOKENS,
     DEFAULT_MAX_LORAS,
     DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    DEFAULT_TOKENIZER,
     SimConfig,
 )
+from epp.sim.kv_events import ENCODINGS, HASH_FORMS, KVEventsConfig
 from epp.sim.server import run
 
 
@@ -59,11 +62,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-loras", type=int, default=DEFAULT_MAX_LORAS,
         help=f"distinct adapters in one batch (default {DEFAULT_MAX_LORAS})",
     )
+    _add_cache_flags(parser)
     return parser
+
+
+def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """Tokenizer, prefix cache and KV events flags (vLLM's names where vLLM has one)."""
+    parser.add_argument(
+        "--tokenizer", choices=("qwen", "bytes"), default=None,
+        help=f"prompt tokenizer: the Qwen3.5/3.6 vocabulary or one token per UTF-8 byte "
+             f"(default {DEFAULT_TOKENIZER}, or the --tokenizer-dir one)",
+    )
+    parser.add_argument(
+        "--tokenizer-dir", default=None, metavar="PATH",
+        help="load any HF tokenizer directory (tokenizer.json + chat template) instead",
+    )
+    parser.add_argument(
+        "--prefill-tokens-per-s", type=float, default=DEFAULT_PREFILL_TOKENS_PER_S,
+        help="prefill speed for uncached prompt tokens; 0 = instant "
+             f"(default {DEFAULT_PREFILL_TOKENS_PER_S:g})",
+    )
+    parser.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="keep a prefix cache of full prompt blocks (default on)",
+    )
+    parser.add_argument(
+        "--cpu-offload-blocks", type=int, default=0, metavar="N",
+        help="blocks on a CPU tier that receives GPU evictions (default 0: none)",
+    )
+    parser.add_argument(
+        "--kv-events-port", type=int, default=0,
+        help="publish KV events on a ZMQ PUB socket on this port (default 0: off)",
+    )
+    parser.add_argument(
+        "--kv-events-replay-port", type=int, default=0,
+        help="serve KV event replay on a ZMQ ROUTER socket on this port (default 0: off)",
+    )
+    parser.add_argument(
+        "--kv-events-encoding", choices=ENCODINGS, default="array",
+        help="events as positional arrays (vLLM < 0.26) or tagged maps (default array)",
+    )
+    parser.add_argument(
+        "--kv-events-hash", choices=HASH_FORMS, default="uint64",
+        help="block hashes as uint64 ints or 32-byte digests (default uint64)",
+    )
+    parser.add_argument(
+        "--kv-events-drop-seq", type=int, default=None, metavar="N",
+        help="testing aid: do not publish batch N live (replay still has it)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Turn parsed arguments into a validated ``SimConfig`` (raises ``ValueError``)."""
+    if args.tokenizer is not None and args.tokenizer_dir is not None:
+        raise ValueError("give --tokenizer or --tokenizer-dir, not both")
+    tokenizer = "hf" if args.tokenizer_dir is not None else args.tokenizer or DEFAULT_TOKENIZER
     return SimConfig(
         host=args.host,
         port=args.port,
@@ -77,6 +130,18 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_size=args.block_size,
         lora_names=args.loras or (),
         max_loras=args.max_loras,
+        tokenizer=tokenizer,
+        tokenizer_dir=args.tokenizer_dir,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        enable_prefix_caching=args.enable_prefix_caching,
+        cpu_offload_blocks=args.cpu_offload_blocks,
+        kv_events=KVEventsConfig(
+            port=args.kv_events_port,
+            replay_port=args.kv_events_replay_port,
+            encoding=args.kv_events_encoding,
+            hash_form=args.kv_events_hash,
+            drop_seq=args.kv_events_drop_seq,
+        ),
     )
 
 

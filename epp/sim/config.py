@@ -113,14 +113,10 @@ class SimConfig:
         rate = self.prefill_tokens_per_s
         if not _is_number(rate) or not math.isfinite(rate) or rate < 0:
             raise ValueError(f"prefill_tokens_per_s must be a finite number >= 0, got {rate!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError("enable_prefix_caching must be a boolean")
         if not _is_int(self.cpu_offload_blocks) or self.cpu_offload_blocks < 0:
             raise ValueError(
                 f"cpu_offload_blocks must be an integer >= 0, got {self.cpu_offload_blocks!r}"
             )
-        if not isinstance(self.kv_events, KVEventsConfig):
-            raise ValueError(f"kv_events must be a KVEventsConfig, got {self.kv_events!r}")
         if self.kv_events.enabled and not self.enable_prefix_caching:
             raise ValueError("kv_events need enable_prefix_caching")  # as in vLLM
 

@@ -285,10 +285,9 @@ class Engine:
         """Look the prompt up in the prefix cache; returns the lease and prefill seconds."""
         lease = None
         cache = self.prefix_cache
-        if cache is not None:
-            if completion.prompt_token_ids is not None:
-                lease = cache.start(completion.prompt_token_ids, completion.lora)
-                completion.cached_tokens = lease.cached_tokens
+        if cache is not None and completion.prompt_token_ids is not None:
+            lease = cache.start(completion.prompt_token_ids, completion.lora)
+            completion.cached_tokens = lease.cached_tokens
             self.stats.prefix_cache_queries += completion.prompt_tokens
             self.stats.prefix_cache_hits += completion.cached_tokens
         uncached = completion.prompt_tokens - completion.cached_tokens

@@ -33,10 +33,10 @@ class MetricsPage:
         self._cache_config = _labels(
             block_size=str(config.block_size),
             cache_dtype="auto",
-            enable_prefix_caching="True",
+            enable_prefix_caching=str(config.enable_prefix_caching),
             engine="0",
             gpu_memory_utilization="0.9",
-            num_cpu_blocks="None",
+            num_cpu_blocks=str(config.cpu_offload_blocks or None),
             num_gpu_blocks=str(config.num_gpu_blocks),
             num_gpu_blocks_override="None",
         )
@@ -55,11 +55,12 @@ class MetricsPage:
               [("", stats.waiting)])
         gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
               [("", self._engine.kv_cache_usage)])
-        # No prefix cache is modelled yet: both counters stay 0.
         counter("vllm:prefix_cache_queries",
-                "Prefix cache queries, in terms of number of queried tokens.", [("", 0)])
+                "Prefix cache queries, in terms of number of queried tokens.",
+                [("", stats.prefix_cache_queries)])
         counter("vllm:prefix_cache_hits",
-                "Prefix cache hits, in terms of number of cached tokens.", [("", 0)])
+                "Prefix cache hits, in terms of number of cached tokens.",
+                [("", stats.prefix_cache_hits)])
         counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                 [("", stats.prompt_tokens_total)])
         counter("vllm:generation_tokens", "Number of generation tokens processed.",

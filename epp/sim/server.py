@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from epp.sim.cache_routes import cache_routes, kv_events_context
 from epp.sim.config import SimConfig
 from epp.sim.engine import Completion, Engine
 from epp.sim.formatting import (
@@ -41,10 +42,12 @@ from epp.sim.parsing import (
     parse_chat,
     parse_completions,
 )
+from epp.sim.prompts import Tokenizer, load_tokenizer, tokenize_request
 
 CONFIG_KEY = web.AppKey("epp_sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("epp_sim_engine", Engine)
 METRICS_KEY = web.AppKey("epp_sim_metrics", MetricsPage)
+TOKENIZER_KEY: web.AppKey[Tokenizer | None] = web.AppKey("epp_sim_tokenizer")
 
 ENDPOINT_HEADER = "x-sim-endpoint"
 REQUEST_BYTES_HEADER = "x-sim-request-bytes"
@@ -70,15 +73,21 @@ _DONE = _Done()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(config: SimConfig, engine: Engine | None = None) -> web.Application:
+def build_app(
+    config: SimConfig, engine: Engine | None = None, *, tokenizer: Tokenizer | None = None
+) -> web.Application:
     """Build the aiohttp application of one simulated pod.
 
     ``engine`` defaults to ``Engine.from_config(config)``; pass one to observe its stats.
+    ``tokenizer`` defaults to ``load_tokenizer(config)``, which blocks for a real tokenizer:
+    ``run()`` loads it in a thread first.
     """
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine if engine is not None else Engine.from_config(config)
     app[METRICS_KEY] = MetricsPage(config, app[ENGINE_KEY])
+    app[TOKENIZER_KEY] = tokenizer if tokenizer is not None else load_tokenizer(config)
+    app.cleanup_ctx.append(kv_events_context(config, app[ENGINE_KEY]))
     app.on_response_prepare.append(_stamp_endpoint)
     router = app.router
     router.add_post("/v1/completions", _generation_handler(parse_completions, CompletionFormat()))
@@ -86,6 +95,7 @@ def build_app(config: SimConfig, engine: Engine | None = None) -> web.Applicatio
     router.add_get("/v1/models", _models)
     router.add_get("/health", _health)
     router.add_get("/metrics", _metrics)
+    router.add_routes(cache_routes(config, app[ENGINE_KEY], app[TOKENIZER_KEY]))
     return app
 
 
@@ -105,8 +115,10 @@ async def run(
     if config.port == 0 and config.advertise == f"{config.host}:0":
         # The default advertise address is useless with an ephemeral port.
         config = dataclasses.replace(config, port=port, advertise=None)
+    tokenizer = await asyncio.to_thread(load_tokenizer, config)  # seconds for a real one
+    app = build_app(config, tokenizer=tokenizer)
     # access_log=None: per-request logging would dominate load-test profiles.
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -181,6 +193,7 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
         try:
             payload = decode_json_object(body)
             parsed = parse(payload, config.model_names, config.default_max_tokens)
+            parsed = await tokenize_request(request.app[TOKENIZER_KEY], parsed)
         except ApiError as exc:
             response = _json(exc.body(), status=exc.status)
             response.headers.update(echo)

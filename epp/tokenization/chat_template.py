@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar, NoReturn
+from typing import Any, NoReturn
 
 from jinja2 import TemplateError, nodes
 from jinja2.ext import Extension, loopcontrols
@@ -55,7 +55,7 @@ def _strftime_now(date_format: str) -> str:
 class _GenerationBlock(Extension):
     """``{% generation %}...{% endgeneration %}``: renders the body as is."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 types it as an instance attribute)
 
     def parse(self, parser: Parser) -> list[nodes.Node]:
         next(parser.stream)  # the 'generation' name
