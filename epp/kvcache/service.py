@@ -4,6 +4,7 @@ prompt tokenizer and the producer that ties them together."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # vLLM's default KV-events publisher port; its replay ROUTER conventionally sits on +1.
 DEFAULT_KV_EVENTS_PORT = 5557
 BUILTIN_TOKENIZERS = ("qwen3.6",)
+# How often the index bound follows the fleet's reported KV capacity.
+CAPACITY_REFRESH_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class KVCacheService:
         self.tokenizer: PromptTokenizer | None = None
         self._render: RenderPromptTokenizer | None = None
         self.manager: KVEventsManager | None = None
+        self._resizer: asyncio.Task[None] | None = None
         self.producer = PreciseProducer(self.index, self, block_size=self._block_size,
                                         max_blocks=settings.max_prefix_blocks)
 
@@ -88,15 +92,24 @@ class KVCacheService:
             bind=s.kv_events_bind)
         await self.manager.start()
         if s.capacity_blocks is None:
-            pool.add_listener(self._resize)
+            self._resizer = asyncio.create_task(self._resize_loop(pool), name="kv-index-size")
 
-    def _resize(self, endpoints: tuple[Endpoint, ...]) -> None:
-        total = sum(e.state.metrics.num_gpu_blocks or 0 for e in endpoints)
-        if total:
-            self.index.capacity_blocks = max(total, 1)
+    async def _resize_loop(self, pool: EndpointPool) -> None:
+        # The fleet's GPU capacity is the sum of its engines' num_gpu_blocks (from
+        # vllm:cache_config_info); twice that leaves room for offloaded tiers and for
+        # stores that arrive before the matching removals.
+        while True:
+            total = sum(e.state.metrics.num_gpu_blocks or 0 for e in pool.snapshot())
+            if total:
+                self.index.capacity_blocks = 2 * total
+            await asyncio.sleep(CAPACITY_REFRESH_S)
 
     async def stop(self) -> None:
         """Stop subscribers and close HTTP sessions."""
+        if self._resizer is not None:
+            self._resizer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resizer
         if self.manager is not None:
             await self.manager.stop()
         if self._render is not None:
