@@ -43,6 +43,10 @@ CPU_WEIGHT = 0.8
 class _EndpointBlocks:
     slot: int
     by_engine_hash: dict[int, int] = field(default_factory=dict)  # engine hash -> our key
+    bits: tuple[int, int] = (0, 0)  # (GPU bit, offload bit), shared int objects
+
+    def __post_init__(self) -> None:
+        self.bits = (1 << (2 * self.slot), 1 << (2 * self.slot + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +131,14 @@ class BlockIndex:
         if ev.lora_name:
             self.known_loras.add(ev.lora_name)
         keys = chain_keys(ev.token_ids, ev.block_size, parent)
-        bit = 1 << (2 * eb.slot + (0 if ev.medium in (None, MEDIUM_GPU) else 1))
+        bit = eb.bits[0 if ev.medium in (None, MEDIUM_GPU) else 1]
         holders = self._holders
         by_engine = eb.by_engine_hash
         for engine_hash, key in zip(ev.block_hashes, keys):
             by_engine[engine_hash] = key
-            holders[key] = holders.get(key, 0) | bit
+            old = holders.get(key)
+            # Reuse the endpoint's bit object for blocks only it holds: ~28 B saved each.
+            holders[key] = bit if old is None or old == bit else old | bit
         result.stored += len(keys)
         if len(holders) > self.capacity_blocks:
             self._evict(len(holders) - self.capacity_blocks)

@@ -23,6 +23,7 @@ from epp.kvcache.tokens import (
 )
 from epp.tokenization.local import LocalTokenizer
 from epp.tokenization.qwen import ensure_qwen_tokenizer
+from epp.tokenization.tiktoken_qwen import TiktokenQwenTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -118,5 +119,8 @@ class KVCacheService:
 
 def load_local_tokenizer(source: str) -> LocalPromptTokenizer:
     """A built-in tokenizer by name, or an HF tokenizer directory (blocking: seconds)."""
-    path = ensure_qwen_tokenizer() if source in BUILTIN_TOKENIZERS else Path(source)
-    return LocalPromptTokenizer(LocalTokenizer.from_dir(path))
+    if source in BUILTIN_TOKENIZERS:
+        # The built-in vocabulary is tiktoken-native: same ids, ~6x faster encoding.
+        hf = LocalTokenizer.from_dir(ensure_qwen_tokenizer())
+        return LocalPromptTokenizer(TiktokenQwenTokenizer(hf))
+    return LocalPromptTokenizer(LocalTokenizer.from_dir(Path(source)))
