@@ -140,7 +140,8 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
     """Compile the EndpointPickerConfig named by the settings (or the built-in one)."""
     deps = PluginDeps(seed=settings.seed,
                       allow_test_header=settings.enable_test_endpoint_selection,
-                      metrics_stale_after_s=settings.metrics_stale_after_s)
+                      metrics_stale_after_s=settings.metrics_stale_after_s,
+                      pd_decisions=metrics.count_pd_decision)
     if settings.config_file is not None:
         try:
             with open(settings.config_file, encoding="utf-8") as f:

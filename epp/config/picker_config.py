@@ -182,6 +182,9 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         scheduler = Scheduler(profiles, handler, timer)
     except ValueError as exc:
         raise ConfigError(f"{source}: schedulingProfiles: {exc}") from None
+    # Hooks (pre-request, response-complete) work outside profiles.
+    used |= {n for n, p in plugins.items()
+             if hasattr(p, "pre_request") or hasattr(p, "response_complete")}
     for name in plugins.keys() - used:
         log.warning("%s: plugin %r is defined but no profile uses it", source, name)
 

@@ -67,7 +67,15 @@ class EppMetrics:
             "epp_kv_index_mispredictions",
             "Responses whose cached tokens differ from the prediction by a block or more.",
             ("direction",), registry=r)
+        self.pd_decisions = Counter(
+            "epp_pd_decision",
+            "Prefill/decode disaggregation decisions, by type (decode-only, prefill-decode).",
+            ("decision_type",), registry=r)
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
+
+    def count_pd_decision(self, decision: str) -> None:
+        """The P/D handler's decision counter."""
+        self.pd_decisions.labels(decision).inc()
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
         """The scheduler's plugin timer (children cached: labels() is not free)."""

@@ -20,7 +20,7 @@ from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError
-from epp.scheduling.types import SchedulingContext, SchedulingResult
+from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingResult
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class PreRequest(Protocol):
     name: str
 
     def pre_request(self, ctx: SchedulingContext, result: SchedulingResult,
-                    headers: dict[str, str]) -> None: ...
+                    headers: HeaderChanges) -> None: ...
 
 
 class ResponseComplete(Protocol):
@@ -104,7 +104,7 @@ class RequestHandle:
         self.endpoints = tuple(result.endpoints)
         self.destination = ",".join(e.address for e in self.endpoints)
         self.set_headers: dict[str, str] = {}
-        self.remove_headers = tuple(remove_headers)
+        self.remove_headers: tuple[str, ...] = tuple(remove_headers)
         self.status = 0
         self.usage: Usage | None = None
         self._director = director
@@ -213,8 +213,12 @@ class Director:
         tokens = match.prompt_tokens if match is not None else estimate_prompt_tokens(
             ctx.request)
         handle = RequestHandle(self, ctx, result, remove, tokens)
-        for hook in self._pre_request:
-            hook.pre_request(ctx, result, handle.set_headers)
+        if self._pre_request:
+            changes = HeaderChanges()
+            for hook in self._pre_request:
+                hook.pre_request(ctx, result, changes)
+            handle.set_headers.update(changes.set)
+            handle.remove_headers += tuple(h for h in changes.remove if h not in changes.set)
         primary = result.endpoints[0]
         primary.state.load.add(tokens)
         if match is not None and match.prompt_tokens:

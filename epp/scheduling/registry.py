@@ -7,7 +7,7 @@ file plus one line in :func:`default_registry`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +31,8 @@ class PluginDeps:
     allow_test_header: bool = False
     # Scraped metrics older than this are not trusted by load scorers.
     metrics_stale_after_s: float = 0.5
+    # Counts a P/D decision by type (the metrics layer supplies it).
+    pd_decisions: Callable[[str], None] | None = None
 
 
 class PluginClass(Protocol):

@@ -28,10 +28,16 @@ def _no_timer(point: str, plugin_type: str, name: str, seconds: float) -> None:
 class NoCandidatesError(Exception):
     """A profile's filters removed every candidate."""
 
-    def __init__(self, profile: str, filter_name: str) -> None:
-        super().__init__(f"profile {profile!r}: filter {filter_name!r} removed every endpoint")
+    def __init__(self, profile: str, filter_name: str, message: str | None = None) -> None:
+        super().__init__(message or
+                         f"profile {profile!r}: filter {filter_name!r} removed every endpoint")
         self.profile = profile
         self.filter_name = filter_name
+
+    @classmethod
+    def from_result(cls, profile: str, error: str | None) -> NoCandidatesError:
+        """Re-raise a failure recorded in a profile result."""
+        return cls(profile, "", error or f"profile {profile!r} chose no endpoint")
 
 
 @dataclass(slots=True)
@@ -116,5 +122,14 @@ class Scheduler:
             if not todo:
                 break
             for name in todo:
-                results[name] = self.profiles[name].run(ctx, candidates, self._timer, explain)
-        return SchedulingResult(results, h.primary(ctx, results))
+                try:
+                    results[name] = self.profiles[name].run(ctx, candidates, self._timer,
+                                                            explain)
+                except NoCandidatesError as exc:
+                    # The handler decides what a failed profile means (e.g. P/D: no
+                    # prefill pod -> decode locally); a failed primary fails the request.
+                    results[name] = ProfileResult([], error=str(exc))
+        primary = h.primary(ctx, results)
+        if not results[primary].endpoints:
+            raise NoCandidatesError.from_result(primary, results[primary].error)
+        return SchedulingResult(results, primary)

@@ -44,6 +44,7 @@ class ProfileResult:
     scores: dict[str, float] = field(default_factory=dict)
     plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: int = 0
+    error: str | None = None  # why the profile chose nothing
 
 
 @dataclass(slots=True)
@@ -57,6 +58,14 @@ class SchedulingResult:
     def endpoints(self) -> list[Endpoint]:
         """The primary profile's endpoints: the destination, then fallbacks."""
         return self.profiles[self.primary].endpoints
+
+
+@dataclass(slots=True)
+class HeaderChanges:
+    """Request-header changes pre-request hooks ask for (applied by the gateway)."""
+
+    set: dict[str, str] = field(default_factory=dict)
+    remove: list[str] = field(default_factory=list)
 
 
 class Plugin(Protocol):

@@ -1,6 +1,6 @@
 """Built-in scheduling plugins (filters, scorers, pickers, profile handlers)."""
 
-from epp.scheduling.plugins import filters, handlers, lora, pickers, prefix, scorers
+from epp.scheduling.plugins import disagg, filters, handlers, lora, pickers, prefix, scorers
 from epp.scheduling.registry import PluginRegistry
 
 BUILTIN_PLUGINS = (
@@ -15,6 +15,10 @@ BUILTIN_PLUGINS = (
     pickers.RandomPicker,
     pickers.WeightedRandomPicker,
     handlers.SingleProfileHandler,
+    disagg.PDProfileHandler,
+    disagg.PrefillFilter,
+    disagg.DecodeFilter,
+    disagg.PrefillHeaderHandler,
     filters.LabelSelectorFilter,
     filters.HeaderBasedTestingFilter,
 )

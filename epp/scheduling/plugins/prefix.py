@@ -19,7 +19,7 @@ from epp.kvcache.match import PrefixMatch
 from epp.kvcache.producer import DEFAULT_BLOCK_SIZE, ApproximateProducer, record_routing
 from epp.kvcache.service import DEFAULT_KV_EVENTS_PORT, KVCacheService, KVCacheSettings
 from epp.scheduling.registry import PluginDeps, PluginParams
-from epp.scheduling.types import SchedulingContext, SchedulingResult
+from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingResult
 
 
 def _scores(match: PrefixMatch | None, endpoints: Sequence[Endpoint], weighted: bool
@@ -128,7 +128,7 @@ class PrefixCacheScorer:
         return _scores(ctx.cycle.get(self.producer.name), endpoints, weighted=False)
 
     def pre_request(self, ctx: SchedulingContext, result: SchedulingResult,
-                    headers: dict[str, str]) -> None:
+                    headers: HeaderChanges) -> None:
         """Remember that the primary endpoint now holds this prompt's blocks."""
         if result.endpoints:
             record_routing(self.producer, ctx.cycle.get(self.producer.name),
