@@ -49,6 +49,11 @@ class EndpointPool:
         """Call ``listener(snapshot)`` after every change."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: PoolListener) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def upsert(self, endpoint: Endpoint) -> bool:
         """Add or replace an endpoint; returns whether anything changed."""
         current = self._by_name.get(endpoint.name)

@@ -4,13 +4,14 @@ Wire facts (``vllm/distributed/kv_events.py``): a batch is ``[ts, events, dp_ran
 a map with those names; an event is a tagged union, either a positional array
 ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id,
 medium, lora_name, extra_keys, group_idx, ...]`` or a map ``{"type": "BlockStored",
-...}`` with default-valued fields omitted. Fields were appended across versions, so
-missing tail fields take defaults and extra ones are ignored. Hashes are uint64 ints
-or digest bytes (folded to their last 8 bytes, big-endian).
+...}`` with default-valued fields omitted (arrays always carry every field their
+version declares). Fields were appended across versions, so missing tail fields take
+defaults and extra ones are ignored. Hashes are uint64 ints or digest bytes (folded to
+their last 8 bytes, big-endian).
 
 Two paths, one set of types. The fast path decodes straight into typed Structs, so
-msgspec validates every token id in C (about 1.1-1.3x the throughput of decoding to
-plain objects and validating by hand; see ``benchmarks/kv_ingest.py``). msgspec
+msgspec validates every token id in C: 1.1-1.4x the throughput of decoding to plain
+objects and converting those (``benchmarks/kv_ingest.py``, "generic path"). msgspec
 cannot put array-like and map-like Structs in one union, nor skip an unknown tag, so
 when the fast path rejects a payload the generic path decodes it to plain objects and
 converts event by event onto the same Structs: it skips unknown event types and
@@ -45,7 +46,7 @@ class KVEventDecodeError(ValueError):
 
 
 # --- wire Structs: vLLM's field order; fields the index does not use are not declared
-# (extra_keys, group_idx, kv_cache_spec_*), so msgspec skips them unvalidated.
+# (kv_cache_spec_*), so msgspec skips them unvalidated.
 
 
 class _StoredArray(msgspec.Struct, array_like=True, tag="BlockStored", gc=False):
@@ -56,11 +57,14 @@ class _StoredArray(msgspec.Struct, array_like=True, tag="BlockStored", gc=False)
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: Any = None
+    group_idx: int | None = None
 
 
 class _RemovedArray(msgspec.Struct, array_like=True, tag="BlockRemoved", gc=False):
     block_hashes: tuple[_Hash, ...]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class _ClearedArray(msgspec.Struct, array_like=True, tag="AllBlocksCleared", gc=False):
@@ -75,11 +79,14 @@ class _StoredMap(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: Any = None
+    group_idx: int | None = None
 
 
 class _RemovedMap(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
     block_hashes: tuple[_Hash, ...]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class _ClearedMap(msgspec.Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
@@ -126,7 +133,6 @@ class _BatchMapAny(msgspec.Struct, gc=False):
     data_parallel_rank: int | None = None
 
 
-_TypedBatch = _BatchArrayOfArrays | _BatchArrayOfMaps | _BatchMapOfArrays | _BatchMapOfMaps
 _TypedEvent = _StoredArray | _RemovedArray | _ClearedArray | _StoredMap | _RemovedMap | _ClearedMap
 
 # Typed decoders to try, by the batch's own form; the likelier event form first
@@ -225,10 +231,13 @@ def _decode_generic(payload: bytes) -> KVEventBatch:
 
 def _convert_events(events: list[Any], positions: list[int] | None = None
                     ) -> tuple[KVEvent, ...]:
-    """Typed wire events -> the index's event types (shared by both paths)."""
+    """Typed wire events -> the index's event types (shared by both paths).
+
+    The hot loop of ingest (one iteration per event): error positions are worked
+    out only when needed, and hashes that are already uint64 ints are kept as they are.
+    """
     out: list[KVEvent] = []
     for n, ev in enumerate(events):
-        i = n if positions is None else positions[n]
         cls = type(ev)
         if cls is _StoredArray or cls is _StoredMap:
             tokens = ev.token_ids or ()
@@ -236,27 +245,48 @@ def _convert_events(events: list[Any], positions: list[int] | None = None
             # block_size 0 with no tokens: a placeholder store (e.g. CPU offloading)
             if (len(tokens) % size) if size else tokens:
                 raise KVEventDecodeError(
-                    f"event {i} (BlockStored): {len(tokens)} token ids do not fill "
-                    f"whole blocks of block_size {size}")
+                    f"event {_position(n, positions)} (BlockStored): {len(tokens)} token "
+                    f"ids do not fill whole blocks of block_size {size}")
             parent = ev.parent_block_hash
-            out.append(BlockStored(
-                _hashes(ev.block_hashes, i),
-                None if parent is None else _one_hash(parent, i),
-                tokens, size, ev.lora_id, ev.medium, ev.lora_name))
+            if parent.__class__ is bytes and parent:
+                parent = int.from_bytes(parent[-_HASH_BYTES:], "big")
+            elif parent is not None and (parent.__class__ is not int or parent < 0):
+                parent = _one_hash(parent, _position(n, positions))
+            out.append(BlockStored(_hashes(ev.block_hashes, n, positions), parent, tokens,
+                                   size, ev.lora_id, ev.medium, ev.lora_name,
+                                   _extra_keys(ev.extra_keys), ev.group_idx or 0))
         elif cls is _RemovedArray or cls is _RemovedMap:
-            out.append(BlockRemoved(_hashes(ev.block_hashes, i), ev.medium))
+            out.append(BlockRemoved(_hashes(ev.block_hashes, n, positions), ev.medium,
+                                    ev.group_idx or 0))
         else:
             out.append(AllBlocksCleared())
     return tuple(out)
 
 
-def _hashes(values: tuple[_Hash, ...], index: int) -> tuple[int, ...]:
-    try:  # the common case, all non-negative ints, in C: bytes make min() or >= raise
-        if min(values, default=0) >= 0:  # type: ignore[operator]
-            return values  # type: ignore[return-value]
-    except TypeError:
-        pass
-    return tuple([_one_hash(v, index) for v in values])
+def _extra_keys(value: Any) -> tuple[Any, ...] | None:
+    """Per-block extra keys (LoRA, multimodal hashes, cache salt), None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and any(v is not None for v in value):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return None
+
+
+def _position(n: int, positions: list[int] | None) -> int:
+    return n if positions is None else positions[n]
+
+
+def _hashes(values: tuple[_Hash, ...], n: int, positions: list[int] | None
+            ) -> tuple[int, ...]:
+    if values and values[0].__class__ is int:
+        try:  # all non-negative ints, checked in C; a bytes one makes min() raise
+            if min(values) >= 0:  # type: ignore[operator]
+                return values  # type: ignore[return-value]
+        except TypeError:
+            pass
+    index = _position(n, positions)
+    return tuple([int.from_bytes(v[-_HASH_BYTES:], "big")
+                  if v.__class__ is bytes and v else _one_hash(v, index) for v in values])
 
 
 def _one_hash(value: _Hash, index: int) -> int:

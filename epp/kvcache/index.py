@@ -17,6 +17,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import xxhash
+
 from epp.kvcache.keys import chain_keys, root_key
 from epp.kvcache.types import (
     MEDIUM_GPU,
@@ -120,6 +122,11 @@ class BlockIndex:
         return result
 
     def _stored(self, eb: _EndpointBlocks, ev: BlockStored, result: ApplyResult) -> None:
+        if ev.group_idx != 0 or ev.block_size <= 0 or not ev.token_ids:
+            # Hybrid models: group 0 (full attention) decides prefix reuse; placeholder
+            # stores (block_size 0, no tokens) carry nothing to key.
+            result.skipped += 1
+            return
         if ev.parent_block_hash is None:
             parent = self.root(ev.lora_name)
         else:
@@ -130,7 +137,7 @@ class BlockIndex:
             parent = found
         if ev.lora_name:
             self.known_loras.add(ev.lora_name)
-        keys = chain_keys(ev.token_ids, ev.block_size, parent)
+        keys = _keys_with_extras(ev, parent)
         bit = eb.bits[0 if ev.medium in (None, MEDIUM_GPU) else 1]
         holders = self._holders
         by_engine = eb.by_engine_hash
@@ -144,6 +151,9 @@ class BlockIndex:
             self._evict(len(holders) - self.capacity_blocks)
 
     def _removed(self, eb: _EndpointBlocks, ev: BlockRemoved, result: ApplyResult) -> None:
+        if ev.group_idx != 0:
+            result.skipped += 1
+            return
         bit = 1 << (2 * eb.slot + (0 if ev.medium in (None, MEDIUM_GPU) else 1))
         holders = self._holders
         by_engine = eb.by_engine_hash
@@ -239,6 +249,25 @@ class BlockIndex:
             blocks = end_any.get(bitpos, 0)
             out[name] = EndpointMatch(blocks, min(blocks, end_gpu.get(bitpos, 0)))
         return out
+
+
+def _keys_with_extras(ev: BlockStored, parent: int) -> list[int]:
+    """Keys of a stored event's blocks. A block that vLLM hashed with extra keys other
+    than its LoRA name (multimodal inputs, cache_salt) gets a key no plain-token request
+    can produce, so such blocks are never credited to the wrong request."""
+    extras = ev.extra_keys
+    own = (ev.lora_name,) if ev.lora_name else None
+    if not extras or all(x is None or tuple(x) == own for x in extras):
+        return chain_keys(ev.token_ids, ev.block_size, parent)
+    keys = []
+    bs = ev.block_size
+    for i, extra in enumerate(extras[: len(ev.token_ids) // bs]):
+        key = chain_keys(ev.token_ids[i * bs:(i + 1) * bs], bs, parent)[0]
+        if extra is not None and tuple(extra) != own:
+            key = xxhash.xxh3_64_intdigest(repr(tuple(extra)).encode(), key)
+        keys.append(key)
+        parent = key
+    return keys
 
 
 def _record(mask: int, length: int, ends: dict[int, int]) -> None:

@@ -12,30 +12,39 @@ Two topologies:
   replay ROUTER is found through its own address, which a connecting publisher does
   not tell us, so gaps are counted and logged, and restarts still clear the endpoint.
 
-Sequence rules for one publisher (``_Stream``): the first message, or a gap, replays
-from the first missing sequence; a sequence at or below the last one *received live*
-means the engine restarted (a PUB never repeats one), so the endpoint is cleared and
-replayed from 0; replayed batches at or below the last *applied* one are skipped.
-Live messages that arrive during a replay wait in the SUB queue (``rcvhwm``) and are
-then skipped or applied by the same rule. A replay that cannot fill a gap is given up
-(``lost``), never retried in a loop.
+Sequence rules for one publisher (``_Stream``):
+
+* the first message, or a gap, replays from the first missing sequence up to (not
+  including) the live message in hand; live messages that arrive meanwhile wait in the
+  SUB queue (``rcvhwm``) and are applied after it, so each batch is applied once;
+* a sequence at or below the last one *received live* means the engine restarted (a
+  PUB never repeats one): the endpoint is cleared, then replayed from 0;
+* a replay that cannot fill a gap (buffer wrapped, no ROUTER) is given up and counted
+  (``lost``), never retried in a loop; a ROUTER that times out is left alone for
+  ``replay_backoff`` seconds, so a missing one costs one timeout, not one per gap;
+* when the sink reports ``missing_parent``, everything the engine still buffers is
+  re-applied (a resync), at most once per ``resync_interval`` and never when a replay
+  from 0 already showed the engine's buffer has wrapped (replay could not help).
+
+Not detected: an engine that restarts and publishes more batches than we had seen
+before we hear from it again looks like a gap, not a restart, so its old blocks stay
+until evicted or cleared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, fields
+from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
-from epp.datastore import Endpoint, EndpointPool
+from epp.datastore import Endpoint, EndpointPool, parse_address
 from epp.kvcache.events import KVEventDecodeError, decode_batch
 from epp.kvcache.types import EventSink
 
@@ -59,6 +68,10 @@ DEFAULT_RESYNC_INTERVAL_S = 30.0
 # The SUB queue holds live messages while a replay runs; vLLM's PUB uses the same HWM.
 DEFAULT_RCVHWM = 100_000
 LOG_INTERVAL_S = 10.0  # at most one warning per kind per subscriber per interval
+# Longest stretch of ingest between yields to the event loop. A queued message is
+# received without suspending, so a backlog (a burst, a 10,000-batch replay) would
+# otherwise hold the loop, and every request waiting on it, until it drained.
+INGEST_SLICE_S = 0.002
 
 SEQ_BYTES = 8
 END_OF_REPLAY = b"\xff" * SEQ_BYTES  # vLLM's end marker: seq -1 as signed 8 bytes
@@ -109,10 +122,7 @@ class KVEventStats:
     unknown_events: int = 0  # events of unknown types, skipped
     dropped: int = 0  # unusable messages: wrong frame count, bad sequence, unknown topic
     missing_parent: int = 0  # batches the sink could not fully key by prefix
-    sink_errors: int = 0  # apply_batch raised
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    errors: int = 0  # the sink raised, or another unexpected failure (logged)
 
 
 class _LogLimiter:
@@ -142,10 +152,10 @@ class _LogLimiter:
         log.warning(msg, *args)
 
 
-ReplayFetch = Callable[[int], AsyncIterator[tuple[int, bytes]]]
+ReplayFetch = Callable[[int], AsyncGenerator[tuple[int, bytes], None]]
 
 
-class ReplayUnavailable(Exception):
+class _ReplayTimeout(Exception):
     """The replay ROUTER did not answer in time."""
 
 
@@ -156,8 +166,8 @@ class _Stream:
                  settings: KVEventsSettings, fetch: ReplayFetch | None,
                  logs: _LogLimiter) -> None:
         self.name = name
+        self.stats = stats
         self._sink = sink
-        self._stats = stats
         self._settings = settings
         self._fetch = fetch
         self._logs = logs
@@ -169,9 +179,10 @@ class _Stream:
         # A replay from 0 that began later than 0: the engine's buffer has wrapped, so
         # replays cannot supply missing parents until it restarts.
         self._history_lost = fetch is None
+        self._slice_start = time.monotonic()
 
     async def on_live(self, seq: int, payload: bytes) -> None:
-        stats = self._stats
+        stats = self.stats
         stats.received += 1
         if self.live_last is not None and seq <= self.live_last:
             stats.restarts += 1
@@ -194,10 +205,16 @@ class _Stream:
             if had_history:
                 stats.lost += seq - self._next_expected()
         self._apply(seq, payload, replayed=False)
+        await self._yield_if_due()
         if self._resync_due:
             self._resync_due = False
             self._last_resync = time.monotonic()
             await self._replay(0, until=self._next_expected(), reapply=True)
+
+    async def _yield_if_due(self) -> None:
+        if time.monotonic() - self._slice_start >= INGEST_SLICE_S:
+            await asyncio.sleep(0)
+            self._slice_start = time.monotonic()
 
     def _next_expected(self) -> int:
         return 0 if self.applied_last is None else self.applied_last + 1
@@ -212,7 +229,7 @@ class _Stream:
         """
         if self._fetch is None or time.monotonic() < self._replay_blocked_until:
             return
-        self._stats.replays += 1
+        self.stats.replays += 1
         first: int | None = None
         try:
             async with contextlib.aclosing(self._fetch(start)) as replayed:
@@ -223,8 +240,9 @@ class _Stream:
                         first = seq
                     if reapply or self.applied_last is None or seq > self.applied_last:
                         self._apply(seq, payload, replayed=True)
-        except ReplayUnavailable:
-            self._stats.replay_failures += 1
+                        await self._yield_if_due()
+        except _ReplayTimeout:
+            self.stats.replay_failures += 1
             self._replay_blocked_until = time.monotonic() + self._settings.replay_backoff
             self._logs.warning("replay", "kv events %s: no replay answer within %.1fs; "
                                "not asking again for %.0fs", self.name,
@@ -234,7 +252,7 @@ class _Stream:
             self._history_lost = True
 
     def _apply(self, seq: int, payload: bytes, *, replayed: bool) -> None:
-        stats = self._stats
+        stats = self.stats
         if self.applied_last is None or seq > self.applied_last:
             self.applied_last = seq  # also when undecodable: replay would not fix it
         try:
@@ -247,7 +265,7 @@ class _Stream:
         try:
             result = self._sink.apply_batch(self.name, batch)
         except Exception:  # a sink bug must not stop the stream
-            stats.sink_errors += 1
+            stats.errors += 1
             if self._logs.allow("sink") is not None:
                 log.exception("kv events %s: sink failed on batch %d", self.name, seq)
             return
@@ -257,6 +275,23 @@ class _Stream:
             if (not replayed and not self._history_lost
                     and time.monotonic() - self._last_resync >= self._settings.resync_interval):
                 self._resync_due = True
+
+
+async def _recv(sock: zmq.asyncio.Socket, raw: zmq.Socket[bytes],
+                timeout_ms: int | None = None) -> list[bytes] | None:
+    """Next message; None after ``timeout_ms`` without one.
+
+    Queued messages are taken through ``raw``, a blocking-API shadow of the same
+    socket, with NOBLOCK: pyzmq's asyncio ``recv_multipart`` makes a Future per
+    message and costs about 5x as much (28 vs 6 us per message, measured). Only an
+    empty queue waits on the asyncio socket.
+    """
+    while True:
+        try:
+            return raw.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            if not await sock.poll(timeout_ms):  # POLLIN
+                return None
 
 
 def _parse_live(frames: list[bytes]) -> tuple[bytes, int, bytes] | None:
@@ -355,21 +390,29 @@ class KVEventSubscriber:
             sub.connect(self.publisher)
             log.info("kv events %s: subscribed to %s (replay %s)", self.endpoint.name,
                      self.publisher, self.replay_address or "off")
+            raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
             while True:
-                frames = await sub.recv_multipart()
+                frames = await _recv(sub, raw)
+                assert frames is not None  # no timeout
                 parsed = _parse_live(frames)
                 if parsed is None:
                     self.stats.dropped += 1
                     self._logs.warning("frames", "kv events %s: dropped malformed message "
                                        "(%d frames)", self.endpoint.name, len(frames))
                     continue
-                await self._stream.on_live(parsed[1], parsed[2])
+                try:
+                    await self._stream.on_live(parsed[1], parsed[2])
+                except Exception:  # e.g. clear_endpoint raised: keep receiving
+                    self.stats.errors += 1
+                    if self._logs.allow("error") is not None:
+                        log.exception("kv events %s: failed on batch %d", self.endpoint.name,
+                                      parsed[1])
         except zmq.ContextTerminated:
             pass
         finally:
             sub.close(linger=0)
 
-    async def _fetch_replay(self, start: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def _fetch_replay(self, start: int) -> AsyncGenerator[tuple[int, bytes], None]:
         assert self.replay_address is not None
         dealer = self._ctx.socket(zmq.DEALER)  # a fresh one: no stale replies
         try:
@@ -378,10 +421,12 @@ class KVEventSubscriber:
             dealer.connect(self.replay_address)
             await dealer.send_multipart([b"", start.to_bytes(SEQ_BYTES, "big")])
             timeout_ms = int(self.settings.replay_timeout * 1000)
+            raw: zmq.Socket[bytes] = zmq.Socket.shadow(dealer.underlying)
             while True:
-                if not await dealer.poll(timeout_ms, zmq.POLLIN):
-                    raise ReplayUnavailable(self.replay_address)
-                parsed = _parse_replay(await dealer.recv_multipart())
+                frames = await _recv(dealer, raw, timeout_ms)
+                if frames is None:
+                    raise _ReplayTimeout(self.replay_address)
+                parsed = _parse_replay(frames)
                 if parsed is None:
                     self.stats.dropped += 1
                     self._logs.warning("replay-frames", "kv events %s: malformed replay "
@@ -396,6 +441,8 @@ class KVEventSubscriber:
 
 @dataclass(frozen=True, slots=True)
 class _Spec:
+    """What a subscription depends on: a change means resubscribing."""
+
     publisher: str | None
     address: str
 
@@ -406,7 +453,8 @@ class KVEventsManager:
     Per-endpoint mode starts a :class:`KVEventSubscriber` per endpoint and stops it when
     the endpoint leaves (or its address changes); central mode (``bind=``) receives
     every engine on one bound SUB. Either way an endpoint that leaves is cleared from
-    the sink.
+    the sink, after its last delivery. Pool changes are handled synchronously in the
+    pool's listener, so the pool must be changed from the event loop's thread.
     """
 
     def __init__(self, pool: EndpointPool, sink: EventSink, *,
@@ -428,14 +476,16 @@ class KVEventsManager:
         self._listening = False
         self._specs: dict[str, _Spec] = {}
         self.subscribers: dict[str, KVEventSubscriber] = {}  # per-endpoint mode
-        self._stopping: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()  # subscribers of departed endpoints
         # central mode
         self._central_task: asyncio.Task[None] | None = None
-        self._by_address: dict[str, str] = {}  # "ip:port" -> endpoint name
+        self._by_address: dict[tuple[str, int], str] = {}  # (ip, port) -> endpoint name
         self._streams: dict[bytes, _Stream] = {}  # per topic
         self._central_stats: dict[str, KVEventStats] = {}
         self._logs = _LogLimiter()
-        self.unmatched = 0  # central mode: messages whose topic names no pool endpoint
+        # central mode: messages no pool endpoint claims (malformed, or unknown topic)
+        self.unmatched = 0
+        self.bound_address: str | None = None  # central mode: as bound, port resolved
 
     def stats(self) -> dict[str, KVEventStats]:
         """Live counters per endpoint name."""
@@ -460,9 +510,10 @@ class KVEventsManager:
                 sub.bind(self.settings.bind)
             except zmq.ZMQError:
                 sub.close(linger=0)
-                self._ctx.term()
+                self._ctx.destroy(linger=0)
                 self._ctx, self._running = None, False
                 raise
+            self.bound_address = sub.getsockopt_string(zmq.LAST_ENDPOINT)
             self._central_task = asyncio.get_running_loop().create_task(
                 self._run_central(sub), name="kv-events-central")
         if not self._listening:  # the pool has no remove_listener: register once
@@ -475,19 +526,19 @@ class KVEventsManager:
         if not self._running:
             return
         self._running = False
-        for sub in self.subscribers.values():
-            sub.cancel()
-        tasks = [t for t in (*self._stopping, self._central_task) if t is not None]
-        tasks += [s._task for s in self.subscribers.values() if s._task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._central_task is not None:
+            self._central_task.cancel()
+        await asyncio.gather(*(sub.stop() for sub in self.subscribers.values()),
+                             *self._stopping,
+                             *([self._central_task] if self._central_task else []),
+                             return_exceptions=True)
         self.subscribers.clear()
         self._stopping.clear()
         self._central_task = None
         self._specs.clear()
         self._streams.clear()
         self._by_address.clear()
+        self.bound_address = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -514,7 +565,7 @@ class KVEventsManager:
         assert self._ctx is not None
         self._specs[endpoint.name] = self._spec(endpoint)
         if self.settings.bind is not None:
-            self._by_address[endpoint.address] = endpoint.name
+            self._by_address[(endpoint.ip, endpoint.port)] = endpoint.name
             self._central_stats[endpoint.name] = KVEventStats()
             return
         sub = KVEventSubscriber(endpoint, self._sink, context=self._ctx,
@@ -524,24 +575,25 @@ class KVEventsManager:
 
     def _drop(self, name: str) -> None:
         """Forget an endpoint: no delivery for it after this returns, then clear it."""
-        spec = self._specs.pop(name)
+        del self._specs[name]
         if self.settings.bind is not None:
-            if self._by_address.get(spec.address) == name:
-                del self._by_address[spec.address]
+            self._by_address = {a: n for a, n in self._by_address.items() if n != name}
             self._streams = {t: s for t, s in self._streams.items() if s.name != name}
             self._central_stats.pop(name, None)
         else:
             sub = self.subscribers.pop(name)
-            sub.cancel()  # the task runs no further delivery code once cancelled
-            if sub._task is not None:
-                self._stopping.add(sub._task)
-                sub._task.add_done_callback(self._stopping.discard)
+            sub.cancel()  # now: the task runs no further delivery code once cancelled
+            stopping = asyncio.get_running_loop().create_task(sub.stop())
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
         self._sink.clear_endpoint(name)
 
     async def _run_central(self, sub: zmq.asyncio.Socket) -> None:
         try:
+            raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
             while True:
-                frames = await sub.recv_multipart()
+                frames = await _recv(sub, raw)
+                assert frames is not None  # no timeout
                 parsed = _parse_live(frames)
                 stream = None if parsed is None else self._stream_for(parsed[0])
                 if parsed is None or stream is None:
@@ -550,7 +602,13 @@ class KVEventsManager:
                                        "malformed frames" if parsed is None
                                        else f"topic {parsed[0][:80]!r} (no such endpoint)")
                     continue
-                await stream.on_live(parsed[1], parsed[2])
+                try:
+                    await stream.on_live(parsed[1], parsed[2])
+                except Exception:  # e.g. clear_endpoint raised: keep receiving
+                    stream.stats.errors += 1
+                    if self._logs.allow("error") is not None:
+                        log.exception("kv events %s: failed on batch %d", stream.name,
+                                      parsed[1])
         except zmq.ContextTerminated:
             pass
         finally:
@@ -560,7 +618,8 @@ class KVEventsManager:
         stream = self._streams.get(topic)
         if stream is not None:
             return stream
-        name = self._by_address.get(_topic_address(topic) or "")
+        address = _topic_address(topic)
+        name = None if address is None else self._by_address.get(address)
         if name is None:
             return None
         stream = _Stream(name, self._sink, self._central_stats[name], self.settings,
@@ -569,18 +628,15 @@ class KVEventsManager:
         return stream
 
 
-def _topic_address(topic: bytes) -> str | None:
-    """``kv@<ip>:<port>@<model>`` -> ``ip:port`` (validated), else None."""
+def _topic_address(topic: bytes) -> tuple[str, int] | None:
+    """``kv@<ip>:<port>@<model>`` -> ``(ip, port)``, IPv6 with or without brackets."""
     try:
         text = topic.decode()
     except UnicodeDecodeError:
         return None
     if not text.startswith(TOPIC_PREFIX):
         return None
-    address = text[len(TOPIC_PREFIX):].partition("@")[0]
-    host, _, port = address.rpartition(":")
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        return parse_address(text[len(TOPIC_PREFIX):].partition("@")[0])
     except ValueError:
         return None
-    return address if port.isdigit() else None

@@ -11,7 +11,7 @@ folded to their last 8 bytes big-endian so both forms compare equal.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # vLLM's medium names; None (older engines) means GPU.
 MEDIUM_GPU = "GPU"
@@ -29,6 +29,10 @@ class BlockStored:
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    # Per block: what else vLLM hashed with the tokens (LoRA name, multimodal hashes,
+    # cache_salt); None when nothing.
+    extra_keys: tuple[Any, ...] | None = None
+    group_idx: int = 0  # KV-cache group (hybrid models have several)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,7 @@ class BlockRemoved:
 
     block_hashes: tuple[int, ...]
     medium: str | None = None
+    group_idx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,7 @@ class ApplyResult:
     # keyed by prefix, so the subscriber should ask the engine to replay.
     missing_parent: int = 0
     unknown_removed: int = 0  # BlockRemoved for hashes we never saw (harmless)
+    skipped: int = 0  # events not indexed (other KV-cache groups, placeholder stores)
     notes: list[str] = field(default_factory=list)
 
 

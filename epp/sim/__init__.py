@@ -1,8 +1,10 @@
 """epp-sim: an asyncio stand-in for one vLLM pod (OpenAI API, deterministic output).
 
 Layers: ``config`` (settings), ``engine`` (request-processing and batch/queue model),
-``parsing`` and ``formatting`` (OpenAI wire format), ``metrics`` (vLLM's ``/metrics``
-page), ``server`` (aiohttp routes) and ``cli``.
+``kvcache`` (the prefix cache the engine keeps), ``prompts`` (tokenizers: prompt -> token
+ids), ``parsing`` and ``formatting`` (OpenAI wire format), ``metrics`` (vLLM's
+``/metrics`` page), ``kv_events`` (vLLM's ZMQ KV events), ``cache_routes`` (render and
+reset endpoints), ``server`` (aiohttp routes) and ``cli``.
 """
 
 from epp.sim.config import SimConfig

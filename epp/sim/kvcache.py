@@ -169,25 +169,25 @@ class PrefixCache:
                 break
             self._cpu.move_to_end(digest)
             hits += 1
+        # Evictions come before the stores they make room for, as in vLLM (allocation,
+        # then caching).
         events: list[CacheEvent] = []
         run: list[_Block] = []  # consecutive new blocks: one BlockStored
         for index in range(len(held), len(hashes)):
             block = self._gpu.get(hashes[index])
-            if block is not None:  # a block that outlived its evicted parent
+            if block is not None:  # a block that outlived its evicted parent ends the run
                 self._take(block)
+                if run:
+                    events.append(self._stored(run, MEDIUM_GPU))
+                    run = []
             elif self._make_room(events):
                 parent = hashes[index - 1] if index else None
                 tokens = tuple(token_ids[index * size:(index + 1) * size])
                 block = _Block(hashes[index], parent, tokens, lora, ref=1)
                 self._gpu[block.hash] = block
                 run.append(block)
-                held.append(block)
-                continue
             else:
                 break  # every block is held by running requests: the rest stays uncached
-            if run:
-                events.append(self._stored(run, MEDIUM_GPU))
-                run = []
             held.append(block)
         if run:
             events.append(self._stored(run, MEDIUM_GPU))

@@ -1,7 +1,9 @@
 """Prompt token ids as the engine sees them: the tokenizer interface and its two sources.
 
-- ``qwen`` / ``hf``: ``epp.tokenization.LocalTokenizer`` (HF ``tokenizers`` plus the
-  model's chat template), the Qwen3.5/3.6 one generated offline or any tokenizer directory.
+- ``qwen``: the Qwen3.5/3.6 vocabulary, generated offline (``ensure_qwen_tokenizer``),
+  encoded with tiktoken (the same ids as HF ``tokenizers``, ~6x faster) and rendered with
+  its chat template.
+- ``hf``: ``epp.tokenization.LocalTokenizer`` on any HF tokenizer directory.
 - ``bytes``: every UTF-8 byte is one token id and chat renders as ChatML-like text. A real,
   deterministic tokenizer that needs no files, for fast tests.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,8 +42,8 @@ class Tokenizer(Protocol):
 
     def render_chat(
         self,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[Any] | None = None,
         add_generation_prompt: bool = True,
     ) -> str: ...
 
@@ -55,8 +57,8 @@ class ByteTokenizer:
 
     def render_chat(
         self,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[Any] | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
         """``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, tools first."""
@@ -69,7 +71,7 @@ class ByteTokenizer:
 _GENERATION_PROMPT = render_chat_prompt([])  # what add_generation_prompt appends
 
 
-def _chat_message(message: Mapping[str, Any]) -> ChatMessage:
+def _chat_message(message: dict[str, Any]) -> ChatMessage:
     content = message.get("content")
     if isinstance(content, list):  # text parts joined; images and audio carry no text
         text = "\n".join(p["text"] for p in content
@@ -93,11 +95,12 @@ def load_tokenizer(config: SimConfig) -> Tokenizer | None:
         return None
     if kind == TOKENIZER_BYTES:
         return ByteTokenizer()
-    # Imported here: only these two kinds need HF tokenizers and jinja2 loaded.
+    # Imported here: only these two kinds need HF tokenizers (and tiktoken) loaded.
     from epp.tokenization import LocalTokenizer, ensure_qwen_tokenizer
+    from epp.tokenization.tiktoken_qwen import TiktokenQwenTokenizer
 
     if kind == TOKENIZER_QWEN:
-        return LocalTokenizer.from_dir(ensure_qwen_tokenizer())
+        return TiktokenQwenTokenizer(LocalTokenizer.from_dir(ensure_qwen_tokenizer()))
     assert config.tokenizer_dir is not None  # SimConfig checks hf has a directory
     return LocalTokenizer.from_dir(Path(config.tokenizer_dir))
 

@@ -232,11 +232,11 @@ def test_extra_trailing_fields_and_unknown_keys_are_ignored(decode: Decode) -> N
                                 {"type": "BlockRemoved", "block_hashes": [1],
                                  "medium": "GPU", "new": 1},
                                 {"type": "AllBlocksCleared", "new": None}]}))
-    expected = KVEventBatch(3.0, (
-        BlockStored((1, 2), None, (1, 2, 3, 4), 2, medium="GPU"),
-        BlockRemoved((1,), "GPU"), AllBlocksCleared()), 1)
-    assert array == expected
-    assert as_map == expected
+    stored_ev = BlockStored((1, 2), None, (1, 2, 3, 4), 2, medium="GPU", group_idx=1)
+    assert array == KVEventBatch(3.0, (stored_ev, BlockRemoved((1,), "GPU", group_idx=1),
+                                       AllBlocksCleared()), 1)
+    assert as_map == KVEventBatch(3.0, (stored_ev, BlockRemoved((1,), "GPU"),
+                                        AllBlocksCleared()), 1)
 
 
 def test_missing_optional_fields_take_defaults(decode: Decode) -> None:

@@ -103,3 +103,25 @@ def test_capacity_evicts_oldest_blocks() -> None:
     assert len(idx) == 4 and idx.evicted_by_capacity == 2
     # The two oldest (leading) blocks went, so the prefix match is now empty.
     assert idx.match(request_keys(idx, TOKENS), ["a"])["a"].blocks == 0
+
+
+def test_blocks_with_foreign_extra_keys_never_match_plain_requests() -> None:
+    idx = BlockIndex(model="m")
+    salted = BlockStored((1, 2), None, tuple(TOKENS[:8]), BS,
+                         extra_keys=(("salt-abc",), None))
+    idx.apply_batch("a", batch(salted))
+    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"].blocks == 0
+    # LoRA-only extra keys are what the root already encodes: they still match.
+    lora = BlockStored((3, 4), None, tuple(TOKENS[:8]), BS, lora_name="sql",
+                       extra_keys=(("sql",), ("sql",)))
+    idx.apply_batch("b", batch(lora))
+    assert idx.match(request_keys(idx, TOKENS, "sql"), ["b"])["b"].blocks == 2
+
+
+def test_other_kv_groups_and_placeholder_stores_are_skipped() -> None:
+    idx = BlockIndex(model="m")
+    r = idx.apply_batch("a", batch(
+        BlockStored((1,), None, tuple(TOKENS[:4]), BS, group_idx=1),
+        BlockStored((2,), None, (), 0),
+        BlockRemoved((1,), group_idx=1)))
+    assert r.skipped == 3 and len(idx) == 0
