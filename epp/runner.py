@@ -18,6 +18,7 @@ from epp.datastore import Endpoint, EndpointPool
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.observability.health import HealthReporter
+from epp.observability.collectors import KVEventsCollector, PoolCollector
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
@@ -77,6 +78,10 @@ class App:
         await self.scraper.start()
         for service in self.kv_services:
             await service.start(self.pool)
+            self.metrics.registry.register(KVEventsCollector(
+                service.event_stats, lambda s=service: len(s.index)))
+        self.metrics.registry.register(PoolCollector(
+            self.settings.pool_name, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         add_to_server(self.servicer, self._grpc)

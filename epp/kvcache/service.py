@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from epp.api.openai import LLMRequest
@@ -104,6 +105,10 @@ class KVCacheService:
             if total:
                 self.index.capacity_blocks = 2 * total
             await asyncio.sleep(CAPACITY_REFRESH_S)
+
+    def event_stats(self) -> dict[str, Any]:
+        """Per-endpoint KV-event counters (for metrics)."""
+        return self.manager.stats() if self.manager is not None else {}
 
     async def stop(self) -> None:
         """Stop subscribers and close HTTP sessions."""

@@ -1,0 +1,103 @@
+"""Metrics read at scrape time from live state (no cost on the request path)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from epp.datastore import Endpoint
+
+
+class _Stats(Protocol):
+    received: int
+    applied: int
+    decode_errors: int
+    gaps: int
+    lost: int
+    replays: int
+    restarts: int
+    unknown_events: int
+    dropped: int
+    missing_parent: int
+
+
+class PoolCollector(Collector):
+    """GIE's pool gauges plus per-endpoint freshness, from the datastore."""
+
+    def __init__(self, pool_name: str, snapshot: Callable[[], tuple[Endpoint, ...]],
+                 stale_after_s: float) -> None:
+        self._name = pool_name
+        self._snapshot = snapshot
+        self._stale = stale_after_s
+
+    def collect(self) -> Iterator[Metric]:
+        endpoints = self._snapshot()
+        now = time.monotonic()
+        fresh = [e for e in endpoints if not e.metrics_stale(now, self._stale)]
+        kv = GaugeMetricFamily("inference_pool_average_kv_cache_utilization",
+                               "Mean KV-cache utilisation over endpoints with fresh metrics.",
+                               labels=["name"])
+        queue = GaugeMetricFamily("inference_pool_average_queue_size",
+                                  "Mean waiting requests over endpoints with fresh metrics.",
+                                  labels=["name"])
+        if fresh:
+            kv.add_metric([self._name], sum(e.state.metrics.kv_cache_usage for e in fresh)
+                          / len(fresh))
+            queue.add_metric([self._name], sum(e.state.metrics.waiting for e in fresh)
+                             / len(fresh))
+        yield kv
+        yield queue
+        stale = GaugeMetricFamily("epp_endpoint_metrics_stale",
+                                  "1 when an endpoint's scraped metrics are too old to trust.",
+                                  labels=["endpoint"])
+        inflight = GaugeMetricFamily("epp_endpoint_inflight_requests",
+                                     "Requests this EPP replica has in flight per endpoint.",
+                                     labels=["endpoint"])
+        for e in endpoints:
+            stale.add_metric([e.name], 0.0 if e in fresh else 1.0)
+            inflight.add_metric([e.name], e.state.load.requests)
+        yield stale
+        yield inflight
+
+
+_KV_COUNTERS = (
+    ("received", "epp_kv_events_received", "KV-event batches received live."),
+    ("applied", "epp_kv_events_applied", "KV-event batches applied to the index (live or "
+     "replayed)."),
+    ("gaps", "epp_kv_event_gaps", "Sequence gaps seen on the live stream."),
+    ("lost", "epp_kv_events_lost", "Batches in gaps that no replay recovered."),
+    ("replays", "epp_kv_event_replays", "Replay requests sent to the engine."),
+    ("restarts", "epp_kv_event_engine_restarts", "Sequence resets (engine restarts)."),
+    ("unknown_events", "epp_kv_events_unknown", "Events of unknown types, skipped."),
+    ("missing_parent", "epp_kv_events_missing_parent",
+     "Batches with blocks whose parent was never seen (resolved by replay)."),
+)
+
+
+class KVEventsCollector(Collector):
+    """Per-endpoint KV-event counters and the index size."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]],
+                 index_blocks: Callable[[], int]) -> None:
+        self._stats = stats
+        self._blocks = index_blocks
+
+    def collect(self) -> Iterator[Metric]:
+        stats: Mapping[str, _Stats] = self._stats()
+        for attr, name, doc in _KV_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["endpoint"])
+            for endpoint, s in stats.items():
+                family.add_metric([endpoint], getattr(s, attr))
+            yield family
+        dropped = CounterMetricFamily(
+            "epp_kv_events_dropped", "Messages dropped: undecodable payloads, wrong frames, "
+            "bad sequences, unknown topics.", labels=["endpoint"])
+        for endpoint, s in stats.items():
+            dropped.add_metric([endpoint], s.decode_errors + s.dropped)
+        yield dropped
+        yield GaugeMetricFamily("epp_kv_index_blocks", "Distinct blocks in the KV index.",
+                                value=self._blocks())
