@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-events", action="store_true",
                    help="engines publish KV events: the built-in profile uses the precise "
                    "prefix-cache scorer (also implied by kvEvents in the endpoints file)")
+    p.add_argument("--enable-explain", action="store_true",
+                   help="serve POST /debug/explain on the metrics port: how a request body "
+                   "would be scheduled, with every plugin's scores (reveals pool internals)")
     p.add_argument("--enable-test-endpoint-selection", action="store_true",
                    help="let the test-epp-endpoint-selection header steer picks "
                    "(GIE conformance tests only; never in production)")
@@ -74,6 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         config_text=args.config_text,
         enable_test_endpoint_selection=args.enable_test_endpoint_selection,
         kv_events=args.kv_events,
+        enable_explain=args.enable_explain,
         metrics_scrape_interval_s=args.metrics_scrape_interval,
         metrics_scrape_timeout_s=args.metrics_scrape_timeout,
         metrics_stale_after_s=args.metrics_staleness_threshold,

@@ -4,6 +4,7 @@ a process (the tests do)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.config import ConfigError, EppSettings
+from epp.errors import RequestError
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
@@ -25,6 +27,9 @@ from epp.requestcontrol.director import Director
 from epp.scheduling.registry import PluginDeps
 
 log = logging.getLogger(__name__)
+
+# Debug endpoint on the metrics port (off by default: it reveals pool internals).
+EXPLAIN_PATH = "/debug/explain"
 
 _GRPC_OPTIONS = [
     # A 62,000-byte body chunk plus headers fits easily; allow Envoy's larger messages.
@@ -106,6 +111,8 @@ class App:
     async def _start_metrics(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
+        if self.settings.enable_explain:
+            app.router.add_post(EXPLAIN_PATH, self._explain_handler)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
@@ -117,6 +124,18 @@ class App:
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _explain_handler(self, request: web.Request) -> web.Response:
+        """Debug: how this request would be scheduled (nothing is routed)."""
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers[":path"] = request.query.get("path", "/v1/chat/completions")
+        try:
+            result = await self.director.explain(headers, body or None)
+        except RequestError as exc:
+            return web.Response(status=exc.status, body=exc.body(),
+                                content_type="application/json")
+        return web.json_response(result, dumps=lambda o: json.dumps(o, indent=2))
 
     def _on_pool_change(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.metrics.ready_pods.labels(self.settings.pool_name).set(len(endpoints))

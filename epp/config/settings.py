@@ -39,6 +39,7 @@ class EppSettings:
     config_file: str | None = None
     config_text: str | None = None
     enable_test_endpoint_selection: bool = False
+    enable_explain: bool = False  # POST /debug/explain on the metrics port
     kv_events: bool = False  # engines publish KV events: the default profile is precise
     metrics_scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
     metrics_scrape_timeout_s: float = DEFAULT_SCRAPE_TIMEOUT_S

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from epp.api.openai import LLMRequest, parse_request
 from epp.api.usage import Usage, UsageParser
@@ -189,17 +189,56 @@ class Director:
         self.admission.admit(priority, candidates, now)
         return SchedulingContext(request, headers, now, priority), candidates
 
-    async def route(
-        self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
-    ) -> RequestHandle:
-        """Parse, admit, schedule. Raises :class:`RequestError` to refuse."""
-        ctx, candidates = self.prepare(headers, body, subset)
+    async def _produce(self, ctx: SchedulingContext, candidates: Sequence[Endpoint]) -> None:
         for producer in self._producers:
             match = await producer.produce(ctx.request, candidates)
             if match is not None:
                 ctx.cycle[producer.name] = match
                 if match.precise or PREFIX_MATCH_KEY not in ctx.cycle:
                     ctx.cycle[PREFIX_MATCH_KEY] = match
+
+    async def explain(self, headers: Mapping[str, str], body: bytes | None
+                      ) -> dict[str, Any]:
+        """Everything the director would decide for a request, without routing it: no
+        in-flight accounting, no hooks, no metrics. Raises :class:`RequestError`."""
+        ctx, candidates = self.prepare(headers, body, None)
+        await self._produce(ctx, candidates)
+        try:
+            result = self.scheduler.schedule(ctx, candidates, explain=True)
+            primary, error = result.primary, None
+            profiles = result.profiles
+        except NoCandidatesError as exc:
+            primary, error, profiles = None, str(exc), {}
+        match = ctx.cycle.get(PREFIX_MATCH_KEY)
+        out: dict[str, Any] = {
+            "model": ctx.model,
+            "priority": ctx.priority,
+            "candidates": [{"name": e.name, "address": e.address, "role": e.role}
+                           for e in candidates],
+            "prefix_match": None if match is None else {
+                "precise": match.precise, "prompt_tokens": match.prompt_tokens,
+                "block_size": match.block_size, "prompt_blocks": match.total_blocks,
+                "endpoints": {e.name: {"blocks": match.of(e.name).blocks,
+                                       "gpu_blocks": match.of(e.name).gpu_blocks,
+                                       "cached_tokens": match.cached_tokens(e.name)}
+                              for e in candidates}},
+            "profiles": {name: {"candidates": r.candidates, "error": r.error,
+                                "total_scores": r.scores, "plugin_scores": r.plugin_scores,
+                                "picked": [e.address for e in r.endpoints]}
+                         for name, r in profiles.items()},
+            "primary_profile": primary,
+            "destination": (",".join(e.address for e in profiles[primary].endpoints)
+                            if primary else None),
+            "error": error,
+        }
+        return out
+
+    async def route(
+        self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
+    ) -> RequestHandle:
+        """Parse, admit, schedule. Raises :class:`RequestError` to refuse."""
+        ctx, candidates = self.prepare(headers, body, subset)
+        await self._produce(ctx, candidates)
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(ctx, candidates)
