@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-events", action="store_true",
                    help="engines publish KV events: the built-in profile uses the precise "
                    "prefix-cache scorer (also implied by kvEvents in the endpoints file)")
+    p.add_argument("--extproc-server", choices=["h2", "grpc"], default="h2",
+                   help="ext_proc transport: h2 (lean HTTP/2, default) or grpc (grpc.aio)")
     p.add_argument("--enable-explain", action="store_true",
                    help="serve POST /debug/explain on the metrics port: how a request body "
                    "would be scheduled, with every plugin's scores (reveals pool internals)")
@@ -78,6 +80,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         enable_test_endpoint_selection=args.enable_test_endpoint_selection,
         kv_events=args.kv_events,
         enable_explain=args.enable_explain,
+        extproc_server=args.extproc_server,
         metrics_scrape_interval_s=args.metrics_scrape_interval,
         metrics_scrape_timeout_s=args.metrics_scrape_timeout,
         metrics_stale_after_s=args.metrics_staleness_threshold,

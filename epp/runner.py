@@ -18,6 +18,7 @@ from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
+from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.observability.health import HealthReporter
 from epp.observability.collectors import KVEventsCollector, PoolCollector
@@ -67,6 +68,7 @@ class App:
                                       stale_after_s=settings.metrics_stale_after_s)
         self.servicer = ExtProcServicer(self.director, max_body_bytes=settings.max_body_bytes)
         self._grpc: grpc.aio.Server | None = None
+        self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self.grpc_port = 0
@@ -88,14 +90,18 @@ class App:
         self.metrics.registry.register(PoolCollector(
             self.settings.pool_name, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
-        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-        add_to_server(self.servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
-        self.grpc_port = self._bind(self._grpc, s.grpc_port)
+        if s.extproc_server == "grpc":
+            self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+            add_to_server(self.servicer, self._grpc)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
+            self.grpc_port = self._bind(self._grpc, s.grpc_port)
+            await self._grpc.start()
+        else:
+            self._h2 = H2ExtProcServer(self.director, max_body_bytes=s.max_body_bytes)
+            self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port)
         self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
         self.health_port = self._bind(self._health_server, s.health_port)
-        await self._grpc.start()
         await self._health_server.start()
         self.metrics_port = await self._start_metrics()
         self._on_pool_change(self.pool.snapshot())
@@ -146,7 +152,10 @@ class App:
         await self.health.shutting_down()
         grace = self.settings.shutdown_grace_s
         servers = [s for s in (self._grpc, self._health_server) if s is not None]
-        await asyncio.gather(*(s.stop(grace) for s in servers))
+        stops = [s.stop(grace) for s in servers]
+        if self._h2 is not None:
+            stops.append(self._h2.stop(grace))
+        await asyncio.gather(*stops)
         await self.discovery.stop()
         await self.scraper.stop()
         for service in self.kv_services:

@@ -39,6 +39,8 @@ class EppSettings:
     config_file: str | None = None
     config_text: str | None = None
     enable_test_endpoint_selection: bool = False
+    # ext_proc transport: "h2" (our lean HTTP/2 server) or "grpc" (grpc.aio).
+    extproc_server: str = "h2"
     enable_explain: bool = False  # POST /debug/explain on the metrics port
     kv_events: bool = False  # engines publish KV events: the default profile is precise
     metrics_scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
@@ -61,6 +63,8 @@ class EppSettings:
         fixed = [p for p in (self.grpc_port, self.health_port, self.metrics_port) if p]
         if len(set(fixed)) != len(fixed):
             raise ConfigError("grpc_port, health_port and metrics_port must differ")
+        if self.extproc_server not in ("h2", "grpc"):
+            raise ConfigError(f"extproc_server: {self.extproc_server!r} is not h2 or grpc")
         if self.config_file is not None and self.config_text is not None:
             raise ConfigError("give --config-file or --config-text, not both")
         if self.metrics_scrape_interval_s <= 0:

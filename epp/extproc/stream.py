@@ -100,18 +100,59 @@ class ProtocolStream:
         """The director's handle for this request, once routed."""
         return self._routed
 
+    def needs_routing(self, request: msg.ProcessingRequest) -> bool:
+        """Whether this message completes the request, so answering it means routing
+        (the only step that may await). Every other message is answered by
+        :meth:`handle_now` without suspending."""
+        if self.phase is Phase.CLOSED:
+            return False
+        kind = request.WhichOneof("request")
+        if kind == "request_headers":
+            return self.phase is Phase.REQUEST_HEADERS and request.request_headers.end_of_stream
+        if kind == "request_body":
+            return self.phase is Phase.REQUEST_BODY and request.request_body.end_of_stream
+        if kind == "request_trailers":
+            return self.phase is Phase.REQUEST_BODY
+        return False
+
     async def handle(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
         """Process one message from Envoy; never raises (errors become immediate responses)."""
+        if not self.needs_routing(request):
+            return self.handle_now(request)
+        try:
+            kind = request.WhichOneof("request")
+            if kind == "request_headers":
+                self._accept_request_headers(request)
+                routed = await self._route(None)
+                self.phase = Phase.UPSTREAM
+                return [msg.routed_headers_response(
+                    routed.destination, routed.set_headers, routed.remove_headers)]
+            if kind == "request_body":
+                self._append_body(request.request_body)
+                return await self._route_with_body(end_of_stream=True)
+            out = await self._route_with_body(end_of_stream=False)  # trailers end the body
+            return [*out, msg.EMPTY_REQUEST_TRAILERS]
+        except RequestError as exc:
+            return [self._refuse(exc)]
+        except Exception:
+            log.exception("ext_proc stream failed in phase %s", self.phase.value)
+            return [self._refuse(RequestError("internal error in the endpoint picker"))]
+
+    def handle_now(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+        """Answer a message that does not route (see :meth:`needs_routing`)."""
         if self.phase is Phase.CLOSED:
             return []  # after an immediate response Envoy may still flush messages
         kind = request.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return await self._on_request_headers(request)
+                return self._on_request_headers(request)
             if kind == "request_body":
-                return await self._on_request_body(request.request_body)
+                if self.phase is not Phase.REQUEST_BODY:
+                    raise ProtocolError(f"request body received in phase {self.phase.value}")
+                self._append_body(request.request_body)
+                return []
             if kind == "request_trailers":
-                return await self._on_request_trailers()
+                return [msg.EMPTY_REQUEST_TRAILERS]
             if kind == "response_headers":
                 return self._on_response_headers(request.response_headers)
             if kind == "response_body":
@@ -132,9 +173,7 @@ class ProtocolStream:
 
     # -- request path ---------------------------------------------------------------
 
-    async def _on_request_headers(
-        self, request: msg.ProcessingRequest
-    ) -> list[msg.ProcessingResponse]:
+    def _accept_request_headers(self, request: msg.ProcessingRequest) -> None:
         if self.phase is not Phase.REQUEST_HEADERS:
             raise ProtocolError("request headers received twice")
         if request.HasField("protocol_config"):
@@ -143,12 +182,9 @@ class ProtocolStream:
             self._response_mode = cfg.response_body_mode
         self._headers = msg.read_headers(request.request_headers.headers)
         self._subset = msg.read_subset_hint(request)
-        if request.request_headers.end_of_stream:
-            # No body (GET /v1/models and the like): pick now.
-            routed = await self._route(None)
-            self.phase = Phase.UPSTREAM
-            return [msg.routed_headers_response(
-                routed.destination, routed.set_headers, routed.remove_headers)]
+
+    def _on_request_headers(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+        self._accept_request_headers(request)
         if self._request_mode == DUPLEX:
             self.phase = Phase.REQUEST_BODY
             return []  # the headers answer waits until the body is complete
@@ -160,26 +196,12 @@ class ProtocolStream:
             f"to route on the body (got {BodyMode.Name(self._request_mode)})"
         )
 
-    async def _on_request_body(self, body: msg.pb.HttpBody) -> list[msg.ProcessingResponse]:
-        if self.phase is not Phase.REQUEST_BODY:
-            raise ProtocolError(f"request body received in phase {self.phase.value}")
+    def _append_body(self, body: msg.pb.HttpBody) -> None:
         if body.body:
             self._body_len += len(body.body)
             if self._body_len > self._max_body:
-                raise PayloadTooLargeError(
-                    f"request body exceeds {self._max_body} bytes"
-                )
+                raise PayloadTooLargeError(f"request body exceeds {self._max_body} bytes")
             self._body.append(body.body)
-        if not body.end_of_stream:
-            return []
-        return await self._route_with_body(end_of_stream=True)
-
-    async def _on_request_trailers(self) -> list[msg.ProcessingResponse]:
-        if self.phase is Phase.REQUEST_BODY:
-            # Trailers end the body; route now, then acknowledge them.
-            out = await self._route_with_body(end_of_stream=False)
-            return [*out, msg.EMPTY_REQUEST_TRAILERS]
-        return [msg.EMPTY_REQUEST_TRAILERS]
 
     async def _route_with_body(self, *, end_of_stream: bool) -> list[msg.ProcessingResponse]:
         raw = self._body[0] if len(self._body) == 1 else b"".join(self._body)

@@ -47,8 +47,10 @@ async def test_ready_only_while_the_pool_has_endpoints(tmp_path: Path) -> None:
         while await _status(app.health_port, "readiness") != SERVING:
             assert time.monotonic() < deadline, "never became ready"
             await asyncio.sleep(0.05)
-        # The ext_proc port serves health too (Envoy may health-check the cluster).
-        assert await _status(app.grpc_port, "readiness") == SERVING
+        # The ext_proc port serves only ext_proc: other methods get a clean UNIMPLEMENTED.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _status(app.grpc_port, "readiness")
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         endpoints.write_text("endpoints: []\n")
         deadline = time.monotonic() + 5
         while await _status(app.health_port, "readiness") != NOT_SERVING:
