@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -12,6 +13,7 @@ import uvloop
 
 from epp.config import ConfigError, EppSettings
 from epp.config import settings as defaults
+from epp.discovery.kubernetes import DiscoveryError, parse_label_selector, parse_target_ports
 from epp.discovery.static import EndpointsFileError
 from epp.runner import build_app
 
@@ -25,7 +27,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(reloaded when it changes)")
     p.add_argument("--endpoints-reload-seconds", type=float, default=1.0,
                    help="how often the endpoints file is checked for changes (0: never)")
-    p.add_argument("--pool-name", default="default", help="pool name used in metrics")
+    p.add_argument("--pool-name", default=None,
+                   help="InferencePool to watch (Kubernetes discovery); also the metrics pool "
+                   "label")
+    p.add_argument("--pool-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="namespace of the InferencePool, its pods and InferenceObjectives")
+    p.add_argument("--endpoint-selector",
+                   help="Kubernetes without CRDs: pod label selector, e.g. app=vllm,tier=gpu")
+    p.add_argument("--endpoint-target-ports",
+                   help="with --endpoint-selector: model-server ports, one endpoint (rank) "
+                   "each, e.g. 8000,8001")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: the in-cluster service "
+                   "account in a pod, else $KUBECONFIG or ~/.kube/config)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address all servers bind")
     p.add_argument("--grpc-port", type=int, default=defaults.DEFAULT_GRPC_PORT,
                    help="ext_proc gRPC port")
@@ -68,7 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> EppSettings:
     """Validated settings from parsed flags."""
+    try:
+        selector = parse_label_selector(args.endpoint_selector) if args.endpoint_selector \
+            else None
+        ports = tuple(parse_target_ports(args.endpoint_target_ports)) \
+            if args.endpoint_target_ports else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return EppSettings(
+        pool_namespace=args.pool_namespace,
+        endpoint_selector=selector,
+        endpoint_target_ports=ports,
+        kubeconfig=args.kubeconfig,
         endpoints_file=args.endpoints_file,
         bind_address=args.bind_address,
         grpc_port=args.grpc_port,
@@ -113,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(settings))
-    except (ConfigError, EndpointsFileError) as exc:
+    except (ConfigError, EndpointsFileError, DiscoveryError) as exc:
         print(f"epp: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

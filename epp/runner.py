@@ -17,6 +17,7 @@ from epp.errors import RequestError
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
+from epp.discovery.kubernetes import KubernetesDiscovery
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
@@ -48,9 +49,6 @@ class App:
         self.pool = EndpointPool()
         self.metrics = EppMetrics()
         self.health = HealthReporter()
-        assert settings.endpoints_file is not None  # validated by EppSettings
-        self.discovery = StaticDiscovery(self.pool, settings.endpoints_file,
-                                         settings.endpoints_reload_s)
         self.picker_config = build_picker_config(settings, self.metrics)
         sat = self.picker_config.saturation
         detector = SaturationDetector(sat.queue_depth_threshold, sat.kv_cache_util_threshold,
@@ -63,6 +61,7 @@ class App:
             producers=[p.producer for p in plugins if hasattr(p, "producer")],
             pre_request=[p for p in plugins if hasattr(p, "pre_request")],
             response_complete=[p for p in plugins if hasattr(p, "response_complete")])
+        self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
                                       stale_after_s=settings.metrics_stale_after_s)
@@ -76,6 +75,24 @@ class App:
         self.metrics_port = 0
         self._stopped = asyncio.Event()
 
+    def _build_discovery(self, admission: Admission) -> StaticDiscovery | KubernetesDiscovery:
+        s = self.settings
+        if s.endpoints_file is not None:
+            return StaticDiscovery(self.pool, s.endpoints_file, s.endpoints_reload_s)
+        configured = dict(self.picker_config.objectives)
+
+        def objectives_sink(found: dict[str, int]) -> None:
+            admission.set_objectives({**configured, **found})  # CRDs override the config
+
+        standalone = s.endpoint_selector is not None
+        return KubernetesDiscovery(
+            self.pool, namespace=s.pool_namespace,
+            pool_name=None if standalone else s.pool_name,
+            selector=dict(s.endpoint_selector) if s.endpoint_selector else None,
+            target_ports=list(s.endpoint_target_ports) if s.endpoint_target_ports else None,
+            objectives_sink=objectives_sink, kubeconfig=s.kubeconfig,
+            kv_events_port=next((k.settings.kv_events_port for k in self.kv_services), None))
+
     async def start(self) -> None:
         """Start serving. Discovery errors (a bad endpoints file) propagate."""
         s = self.settings
@@ -88,7 +105,7 @@ class App:
             self.metrics.registry.register(KVEventsCollector(
                 service.event_stats, lambda s=service: len(s.index)))
         self.metrics.registry.register(PoolCollector(
-            self.settings.pool_name, self.pool.snapshot, self.settings.metrics_stale_after_s))
+            self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
         if s.extproc_server == "grpc":
             self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
@@ -144,7 +161,7 @@ class App:
         return web.json_response(result, dumps=lambda o: json.dumps(o, indent=2))
 
     def _on_pool_change(self, endpoints: tuple[Endpoint, ...]) -> None:
-        self.metrics.ready_pods.labels(self.settings.pool_name).set(len(endpoints))
+        self.metrics.ready_pods.labels(self.settings.pool_label).set(len(endpoints))
         self.health.set_ready(bool(endpoints) and self.pool.synced)
 
     async def stop(self) -> None:
@@ -183,8 +200,8 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
             raise ConfigError(f"--config-file: cannot read {settings.config_file}: {exc}") from None
         return load_picker_config(text, source=settings.config_file, deps=deps,
                                   timer=metrics.observe_plugin)
-    kv_events = settings.kv_events or any(
-        e.kv_events for e in load_endpoints_file(settings.endpoints_file or ""))
+    kv_events = settings.kv_events or (settings.endpoints_file is not None and any(
+        e.kv_events for e in load_endpoints_file(settings.endpoints_file)))
     return load_picker_config(settings.config_text, source="--config-text", deps=deps,
                               timer=metrics.observe_plugin, kv_events=kv_events)
 

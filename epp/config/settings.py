@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
@@ -35,7 +36,11 @@ class EppSettings:
     grpc_port: int = DEFAULT_GRPC_PORT
     health_port: int = DEFAULT_HEALTH_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
-    pool_name: str = "default"
+    pool_name: str | None = None  # the InferencePool to watch (Kubernetes discovery)
+    pool_namespace: str = "default"
+    endpoint_selector: Mapping[str, str] | None = None  # Kubernetes without CRDs
+    endpoint_target_ports: tuple[int, ...] | None = None
+    kubeconfig: str | None = None
     config_file: str | None = None
     config_text: str | None = None
     enable_test_endpoint_selection: bool = False
@@ -51,11 +56,22 @@ class EppSettings:
     endpoints_reload_s: float = 1.0
     seed: int | None = None
 
+    @property
+    def pool_label(self) -> str:
+        """The pool's name in metrics."""
+        return self.pool_name or "default"
+
     def __post_init__(self) -> None:
-        if self.endpoints_file is None:
+        if self.endpoints_file is None and self.pool_name is None and \
+                self.endpoint_selector is None:
             raise ConfigError(
-                "no endpoint discovery configured: pass --endpoints-file with a static pool"
-            )
+                "no endpoint discovery configured: pass --endpoints-file (static pool), "
+                "--pool-name (InferencePool), or --endpoint-selector with "
+                "--endpoint-target-ports")
+        if self.endpoints_file is not None and self.endpoint_selector is not None:
+            raise ConfigError("--endpoints-file and --endpoint-selector cannot be combined")
+        if (self.endpoint_selector is None) != (self.endpoint_target_ports is None):
+            raise ConfigError("--endpoint-selector and --endpoint-target-ports go together")
         for name in ("grpc_port", "health_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:

@@ -43,11 +43,14 @@ class LocalStack:
     def __init__(self, work_dir: Path, ports: StackPorts, *,
                  sim_args: Sequence[str] = (), epp_args: Sequence[str] = (),
                  per_sim_args: dict[int, Sequence[str]] | None = None,
+                 sim_labels: dict[int, dict[str, str]] | None = None,
                  envoy_concurrency: int = 2) -> None:
         self.work_dir = work_dir
         self.ports = ports
         self.sim_args = list(sim_args)
         self.per_sim_args = {i: list(a) for i, a in (per_sim_args or {}).items()}
+        # Endpoint labels per sim index, e.g. {"llm-d.ai/role": "prefill"} for P/D pools.
+        self.sim_labels = {i: dict(labels) for i, labels in (sim_labels or {}).items()}
         self.epp_args = list(epp_args)
         self.envoy_concurrency = envoy_concurrency
         self.sims: list[Process] = []
@@ -95,23 +98,29 @@ class LocalStack:
 
     def write_endpoints(self, addresses: Sequence[str]) -> None:
         """(Re)write the static endpoints file the EPP watches."""
-        entries: list[dict[str, str]] = []
+        entries: list[dict[str, object]] = []
         for i, a in enumerate(addresses):
-            entry = {"name": f"sim-{i}", "address": a}
+            entry: dict[str, object] = {"name": f"sim-{i}", "address": a}
+            index = self.sim_addresses.index(a) if a in self.sim_addresses else i
             if self.ports.kv_events:
-                index = self.sim_addresses.index(a) if a in self.sim_addresses else i
                 entry["kvEvents"] = f"tcp://127.0.0.1:{self.ports.kv_events[index]}"
+            if self.sim_labels.get(index):
+                entry["labels"] = dict(self.sim_labels[index])
             entries.append(entry)
         doc = {"endpoints": entries}
         tmp = self.endpoints_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc), encoding="utf-8")
         tmp.replace(self.endpoints_file)  # atomic: the EPP never reads half a file
 
-    def start_epp(self, extra_args: Sequence[str] = ()) -> Process:
-        """Start the EPP on the stack's ports and wait until it serves."""
+    def start_epp(self, extra_args: Sequence[str] = (),
+                  discovery_args: Sequence[str] | None = None) -> Process:
+        """Start the EPP on the stack's ports and wait until it serves. Discovery is the
+        stack's endpoints file unless ``discovery_args`` says otherwise."""
         p = self.ports
+        discovery = (["--endpoints-file", str(self.endpoints_file)] if discovery_args is None
+                     else list(discovery_args))
         self.epp = Process("epp", python_module(
-            "epp", "--endpoints-file", str(self.endpoints_file),
+            "epp", *discovery,
             "--bind-address", "127.0.0.1", "--grpc-port", str(p.epp_grpc),
             "--grpc-health-port", str(p.epp_health), "--metrics-port", str(p.epp_metrics),
             *self.epp_args, *extra_args), self.work_dir)

@@ -1,10 +1,12 @@
 """epp-sim: an asyncio stand-in for one vLLM pod (OpenAI API, deterministic output).
 
 Layers: ``config`` (settings), ``engine`` (request-processing and batch/queue model),
+``timeline`` (prefill chunks on the accelerator and how they delay decode steps),
 ``kvcache`` (the prefix cache the engine keeps), ``prompts`` (tokenizers: prompt -> token
 ids), ``parsing`` and ``formatting`` (OpenAI wire format), ``metrics`` (vLLM's
-``/metrics`` page), ``kv_events`` (vLLM's ZMQ KV events), ``cache_routes`` (render and
-reset endpoints), ``server`` (aiohttp routes) and ``cli``.
+``/metrics`` page), ``kv_events`` (vLLM's ZMQ KV events), ``disagg`` (prefill/decode
+disaggregation: llm-d's sidecar on decode pods, ``kv_transfer_params`` on prefill pods),
+``cache_routes`` (render and reset endpoints), ``server`` (aiohttp routes) and ``cli``.
 """
 
 from epp.sim.config import SimConfig

@@ -11,10 +11,15 @@ from collections.abc import Sequence
 from epp.sim.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_KV_CAPACITY_TOKENS,
+    DEFAULT_KV_TRANSFER_US_PER_TOKEN,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_PREFILL_TOKENS_PER_S,
+    DEFAULT_REMOTE_PREFILL_TIMEOUT_S,
+    DEFAULT_ROLE,
     DEFAULT_TOKENIZER,
+    ROLES,
     SimConfig,
 )
 from epp.sim.kv_events import ENCODINGS, HASH_FORMS, KVEventsConfig
@@ -63,7 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"distinct adapters in one batch (default {DEFAULT_MAX_LORAS})",
     )
     _add_cache_flags(parser)
+    _add_disaggregation_flags(parser)
     return parser
+
+
+def _add_disaggregation_flags(parser: argparse.ArgumentParser) -> None:
+    """Prefill/decode disaggregation: the pod's role and the llm-d sidecar's behaviour."""
+    parser.add_argument(
+        "--role", choices=ROLES, default=DEFAULT_ROLE,
+        help="P/D role; decode and both pods prefill on the pod named in "
+             f"x-prefiller-host-port first (default {DEFAULT_ROLE})",
+    )
+    parser.add_argument(
+        "--kv-transfer-us-per-token", type=float, default=DEFAULT_KV_TRANSFER_US_PER_TOKEN,
+        help="time to receive one prompt token's KV from a prefill pod, in microseconds "
+             f"(default {DEFAULT_KV_TRANSFER_US_PER_TOKEN:g}: 128 KiB/token over ~25 GB/s)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        help="prefill chunk per engine step; each chunk delays running decodes "
+             f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS})",
+    )
+    parser.add_argument(
+        "--remote-prefill-timeout-s", type=float, default=DEFAULT_REMOTE_PREFILL_TIMEOUT_S,
+        help="give up on the prefill pod and prefill locally after this long "
+             f"(default {DEFAULT_REMOTE_PREFILL_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--remote-prefill-error-status", type=int, default=0, metavar="STATUS",
+        help="testing aid: answer every prefill request from a decode pod with this HTTP "
+             "status (default 0: off)",
+    )
 
 
 def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +177,11 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             hash_form=args.kv_events_hash,
             drop_seq=args.kv_events_drop_seq,
         ),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        role=args.role,
+        kv_transfer_us_per_token=args.kv_transfer_us_per_token,
+        remote_prefill_timeout_s=args.remote_prefill_timeout_s,
+        remote_prefill_error_status=args.remote_prefill_error_status,
     )
 
 

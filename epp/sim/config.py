@@ -30,6 +30,22 @@ TOKENIZERS = ("qwen", "bytes", "hf")  # "hf" loads ``tokenizer_dir``
 # gives ~990 TFLOP/s dense BF16 and prefill reaches ~35% of it, ~350 TFLOP/s, i.e. ~22K
 # tokens/s; rounded down to 20K. ``SimConfig()`` itself prefills instantly (0).
 DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0
+# Prefill/decode disaggregation. A pod's role: "prefill" and "decode" pods as llm-d labels
+# them (``llm-d.ai/role``), "both" for an aggregated pod. Decode and both pods act like
+# llm-d's routing sidecar when a request names a prefill pod in x-prefiller-host-port.
+ROLES = ("prefill", "decode", "both")
+DEFAULT_ROLE = "both"
+# The CLI's KV transfer time. Llama-3-8B keeps 32 layers x 8 KV heads x 128 dims x 2 (K and
+# V) x 2 bytes = 128 KiB of KV per token; a ~25 GB/s RDMA link (a 200 Gb/s NIC) moves that
+# in ~5.2 us. ``SimConfig()`` itself transfers instantly (0).
+DEFAULT_KV_TRANSFER_US_PER_TOKEN = 5.0
+# Prefill tokens one engine step computes: vLLM's max_num_batched_tokens for the OpenAI
+# server with chunked prefill (2048; vLLM raises it to 8192 on H100-class GPUs). Decode
+# steps of running requests interleave with these chunks (see ``epp.sim.timeline``).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# How long a decode pod waits for its prefill pod before it prefills locally. Generous: a
+# 128K-token prompt takes ~6 s to prefill at the default rate, plus queueing.
+DEFAULT_REMOTE_PREFILL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +62,14 @@ class SimConfig:
     cached) turns prompts into token ids; the prefix cache of ``num_gpu_blocks`` blocks
     (plus ``cpu_offload_blocks`` on a CPU tier) keys them, and prefill of the uncached
     tokens takes ``1 / prefill_tokens_per_s`` each (0: no time). ``kv_events`` publishes
-    the cache's changes over ZMQ as vLLM does.
+    the cache's changes over ZMQ as vLLM does. Prefill runs in chunks of
+    ``max_num_batched_tokens`` that delay concurrent decode steps (``epp.sim.timeline``).
+
+    ``role`` (one of ``ROLES``) is the pod's place in a disaggregated pool. A decode or
+    both pod given ``x-prefiller-host-port`` has that pod prefill first (waiting at most
+    ``remote_prefill_timeout_s``, else prefilling locally) and receives the KV cache at
+    ``kv_transfer_us_per_token``. ``remote_prefill_error_status`` (testing aid, 0: off)
+    makes this pod answer every prefill-for-remote-decode request with that status.
     """
 
     host: str = "127.0.0.1"
@@ -68,6 +91,11 @@ class SimConfig:
     enable_prefix_caching: bool = True
     cpu_offload_blocks: int = 0
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    role: str = DEFAULT_ROLE
+    kv_transfer_us_per_token: float = 0.0
+    remote_prefill_timeout_s: float = DEFAULT_REMOTE_PREFILL_TIMEOUT_S
+    remote_prefill_error_status: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -104,6 +132,26 @@ class SimConfig:
             raise ValueError(f"lora_names repeat served model names: {sorted(clash)!r}")
         object.__setattr__(self, "lora_names", loras)
         self._check_cache_settings()
+        self._check_disaggregation_settings()
+
+    def _check_disaggregation_settings(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not _is_int(self.max_num_batched_tokens) or self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be an integer >= 1, "
+                             f"got {self.max_num_batched_tokens!r}")
+        transfer = self.kv_transfer_us_per_token
+        if not _is_number(transfer) or not math.isfinite(transfer) or transfer < 0:
+            raise ValueError(
+                f"kv_transfer_us_per_token must be a finite number >= 0, got {transfer!r}")
+        timeout = self.remote_prefill_timeout_s
+        if not _is_number(timeout) or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(
+                f"remote_prefill_timeout_s must be a finite number > 0, got {timeout!r}")
+        status = self.remote_prefill_error_status
+        if not _is_int(status) or not (status == 0 or 400 <= status <= 599):
+            raise ValueError(
+                f"remote_prefill_error_status must be 0 or in [400, 599], got {status!r}")
 
     def _check_cache_settings(self) -> None:
         if self.tokenizer is not None and self.tokenizer not in TOKENIZERS:

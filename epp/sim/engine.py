@@ -6,7 +6,12 @@ configured time-to-first-token and inter-token latency).
 
 A request that starts running first looks its prompt up in the prefix cache (when one
 is configured): prefill of the uncached tokens takes ``1 / prefill_tokens_per_s`` each
-before the first token, on top of ``ttft_ms``.
+before the first token, on top of ``ttft_ms``. Prefills queue for the pod's accelerator
+one after another, in chunks that slow the decode steps of running requests
+(``epp.sim.timeline``). A request whose prompt a remote prefill pod computed
+(``Completion.remote_tokens``, P/D disaggregation) instead receives the KV of the tokens
+it does not hold yet, at ``kv_transfer_us_per_token`` each, and recomputes only the rest
+of the last block within a decode step.
 
 A small service model makes queues real: at most ``max_num_seqs`` sequences run at once
 (and at most ``max_loras`` distinct LoRA adapters among them); the rest wait in FIFO
@@ -26,12 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp.sim.config import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_KV_CAPACITY_TOKENS,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     SimConfig,
 )
 from epp.sim.kvcache import CacheLease, PrefixCache
+from epp.sim.timeline import ComputeTimeline
 
 TokenCounter = Callable[[str], int]
 
@@ -90,7 +98,12 @@ class GenerationRequest:
 class Completion:
     """What the engine answers for one ``GenerationRequest``.
 
-    ``cached_tokens`` is filled in when the request starts prefill (mutable for that).
+    ``cached_tokens`` is filled in when the request starts prefill (mutable for that), as
+    vLLM reports it: local prefix-cache hits plus KV received from a remote prefill.
+    ``remote_tokens`` (set before ``generate``) are the prompt tokens whose KV a prefill
+    pod holds for this request; ``transferred_tokens`` the part of them received because
+    this pod did not hold them; ``kv_blocks`` the full prompt blocks this pod holds once
+    prefill started (what a prefill pod offers its decode pod).
     """
 
     prompt_tokens: int
@@ -99,6 +112,9 @@ class Completion:
     finish_reason: str = "length"
     lora: str | None = None  # the LoRA adapter serving it, None for the base model
     prompt_token_ids: tuple[int, ...] | None = None  # None: a text prompt, no tokenizer
+    remote_tokens: int = 0
+    transferred_tokens: int = 0
+    kv_blocks: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -125,6 +141,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which cached
+    kv_transfer_tokens: int = 0  # prompt tokens whose KV came from a remote prefill pod
 
 
 def output_tokens(count: int) -> tuple[str, ...]:
@@ -220,17 +237,25 @@ class Engine:
         max_loras: int = DEFAULT_MAX_LORAS,
         prefill_tokens_per_s: float = 0.0,
         prefix_cache: PrefixCache | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        kv_transfer_us_per_token: float = 0.0,
     ) -> None:
-        if max_num_seqs < 1 or kv_capacity_tokens < 1 or max_loras < 1:
-            raise ValueError("max_num_seqs, kv_capacity_tokens and max_loras must be >= 1")
+        if max_num_seqs < 1 or kv_capacity_tokens < 1 or max_loras < 1 or block_size < 1:
+            raise ValueError(
+                "max_num_seqs, kv_capacity_tokens, max_loras and block_size must be >= 1")
         self._ttft_s = ttft_ms / 1000.0
-        self._itl_s = itl_ms / 1000.0
-        self._prefill_s_per_token = 1.0 / prefill_tokens_per_s if prefill_tokens_per_s else 0.0
+        self._transfer_s_per_token = kv_transfer_us_per_token / 1e6
+        self.timeline = ComputeTimeline(prefill_tokens_per_s=prefill_tokens_per_s,
+                                        chunk_tokens=max_num_batched_tokens,
+                                        step_s=itl_ms / 1000.0)
         self.prefix_cache = prefix_cache
+        self.block_size = prefix_cache.block_size if prefix_cache is not None else block_size
         self._count_tokens = count_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self.stats = EngineStats()
         self._batch = _Batch(max_num_seqs, max_loras, self.stats)
+        self._decoders = 0  # running requests that will decode (more than one output token)
 
     @classmethod
     def from_config(cls, config: SimConfig) -> Engine:
@@ -242,6 +267,9 @@ class Engine:
             kv_capacity_tokens=config.kv_capacity_tokens,
             max_loras=config.max_loras,
             prefill_tokens_per_s=config.prefill_tokens_per_s,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_transfer_us_per_token=config.kv_transfer_us_per_token,
             prefix_cache=PrefixCache(
                 block_size=config.block_size,
                 num_gpu_blocks=config.num_gpu_blocks,
@@ -281,21 +309,47 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
 
-    def _start_prefill(self, completion: Completion) -> tuple[CacheLease | None, float]:
-        """Look the prompt up in the prefix cache; returns the lease and prefill seconds."""
+    def remote_prefill_tokens(self, prompt_tokens: int, remote_blocks: int) -> int:
+        """Prompt tokens a decode pod can take from ``remote_blocks`` full blocks a prefill
+        pod computed: never the last prompt token, which the decode side recomputes for its
+        logits (as with a fully cached prompt)."""
+        usable = max(0, prompt_tokens - 1) // self.block_size
+        return min(remote_blocks, usable) * self.block_size
+
+    def _start_prefill(
+        self, completion: Completion, now: float
+    ) -> tuple[CacheLease | None, float]:
+        """Look the prompt up in the prefix cache and queue its prefill (or its KV transfer);
+        returns the lease and when the prompt's KV is complete."""
         lease = None
+        cached = 0
         cache = self.prefix_cache
         if cache is not None and completion.prompt_token_ids is not None:
+            # Stores the new full blocks too: computed here, or received from a prefill pod.
             lease = cache.start(completion.prompt_token_ids, completion.lora)
-            completion.cached_tokens = lease.cached_tokens
+            cached = lease.cached_tokens
+            completion.kv_blocks = len(lease.blocks)
             self.stats.prefix_cache_queries += completion.prompt_tokens
-            self.stats.prefix_cache_hits += completion.cached_tokens
-        uncached = completion.prompt_tokens - completion.cached_tokens
-        return lease, uncached * self._prefill_s_per_token
+            self.stats.prefix_cache_hits += cached
+        else:
+            completion.kv_blocks = completion.prompt_tokens // self.block_size
+        if completion.remote_tokens:
+            transferred = max(0, completion.remote_tokens - cached)
+            completion.transferred_tokens = transferred
+            completion.cached_tokens = cached + transferred
+            self.stats.kv_transfer_tokens += transferred
+            # The tail after the transferred blocks (under a block) rides in a decode step.
+            return lease, now + transferred * self._transfer_s_per_token
+        completion.cached_tokens = cached
+        # Decode slots between the chunks only when another request will use them.
+        interleave = self._decoders > (completion.completion_tokens > 1)
+        return lease, self.timeline.prefill(now, completion.prompt_tokens - cached,
+                                            interleave=interleave)
 
     async def generate(self, completion: Completion) -> AsyncGenerator[str, None]:
-        """Wait for a batch slot, then yield the planned tokens in real time: ``ttft_ms``
-        first, then ``itl_ms`` each.
+        """Wait for a batch slot, then yield the planned tokens in real time: the prompt's
+        prefill (or KV transfer) plus ``ttft_ms`` first, then ``itl_ms`` each (longer while
+        the pod prefills other requests).
 
         Close the iterator (e.g. ``contextlib.aclosing``) when stopping early so the slot
         and counters are released promptly.
@@ -305,27 +359,35 @@ class Engine:
         stats.in_flight += 1
         emitted = held = 0
         lease: CacheLease | None = None
+        decoder = False
         try:
             await self._batch.acquire(seq)
+            decoder = completion.completion_tokens > 1
+            self._decoders += decoder
             loop = asyncio.get_running_loop()
-            lease, prefill_s = self._start_prefill(completion)
+            timeline = self.timeline
+            lease, prefilled_at = self._start_prefill(completion, loop.time())
             stats.prompt_tokens_total += completion.prompt_tokens
             held = completion.prompt_tokens
             stats.kv_tokens += held
             # Absolute deadlines so per-token scheduling overhead does not accumulate.
-            deadline = loop.time() + self._ttft_s + prefill_s
+            deadline = previous = prefilled_at + self._ttft_s
             for index, token in enumerate(completion.tokens):
                 if index:
-                    deadline += self._itl_s
-                delay = deadline - loop.time()
-                if delay > 0:  # zero-latency runs never yield to the loop here
+                    previous = deadline
+                    deadline = timeline.decode_step_end(previous)
+                # Zero-latency runs never yield to the loop here.
+                while (delay := deadline - loop.time()) > 0:
                     await asyncio.sleep(delay)
+                    if index:  # prefill queued meanwhile may have delayed this step
+                        deadline = timeline.decode_step_end(previous)
                 stats.generation_tokens_total += 1
                 stats.kv_tokens += 1
                 held += 1
                 emitted += 1
                 yield token
         finally:
+            self._decoders -= decoder
             if lease is not None and self.prefix_cache is not None:
                 self.prefix_cache.finish(lease)
             stats.kv_tokens -= held

@@ -2,6 +2,7 @@
 
 Only the series endpoint pickers read, plus a few of vLLM's counters. Labels follow vLLM:
 ``model_name`` (the first served name) and ``engine`` ("0": one engine per sim pod).
+Series vLLM has no name for are ``epp_sim_*``: the pod's P/D role and its P/D counters.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from epp.sim.config import SimConfig
+from epp.sim.disagg import PDStats
 from epp.sim.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -19,14 +21,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LORA_SERIES_KEPT = 8
 
 Clock = Callable[[], float]
+# Writes one metric family: (name, help, samples as (extra labels, value)).
+_Writer = Callable[[str, str, Iterable[tuple[str, float]]], None]
 
 
 class MetricsPage:
     """Renders one engine's state as vLLM's ``/metrics`` page."""
 
-    def __init__(self, config: SimConfig, engine: Engine, *, clock: Clock = time.time) -> None:
+    def __init__(self, config: SimConfig, engine: Engine, *, clock: Clock = time.time,
+                 pd_stats: PDStats | None = None) -> None:
         self._engine = engine
         self._clock = clock
+        self._pd_stats = pd_stats if pd_stats is not None else PDStats()
+        self._role = config.role
         self._labels = _labels(model_name=config.default_model, engine="0")
         self._lora_enabled = bool(config.lora_names)
         self._max_loras = config.max_loras
@@ -73,14 +80,13 @@ class MetricsPage:
         ])
         if self._lora_enabled:
             self._render_lora(out)
+        self._render_pd(gauge, counter)
         out.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n")
         out.append("# TYPE vllm:cache_config_info gauge\n")
         out.append(f"vllm:cache_config_info{{{self._cache_config}}} 1.0\n")
         return "".join(out).encode()
 
-    def _family_writer(
-        self, out: list[str], kind: str
-    ) -> Callable[[str, str, Iterable[tuple[str, float]]], None]:
+    def _family_writer(self, out: list[str], kind: str) -> _Writer:
         """A function writing one family; each sample is (extra labels, value)."""
         suffix = "_total" if kind == "counter" else ""
 
@@ -90,6 +96,22 @@ class MetricsPage:
                 out.append(f"{name}{suffix}{{{self._labels}{extra}}} {float(value)!r}\n")
 
         return write
+
+    def _render_pd(self, gauge: _Writer, counter: _Writer) -> None:
+        pd, stats = self._pd_stats, self._engine.stats
+        gauge("epp_sim_info", "The simulated pod's P/D role (prefill, decode or both).",
+              [(f',role="{self._role}"', 1)])
+        counter("epp_sim_remote_prefills",
+                "Prompts with x-prefiller-host-port, by who prefilled them in the end.", [
+                    (',outcome="remote"', pd.remote_prefills),
+                    (',outcome="fallback"', pd.prefill_fallbacks),
+                ])
+        counter("epp_sim_prefills_for_remote_decode",
+                "Prefill requests answered with kv_transfer_params for a decode pod.",
+                [("", pd.prefills_for_remote_decode)])
+        counter("epp_sim_kv_transfer_tokens",
+                "Prompt tokens whose KV came from a prefill pod instead of being computed.",
+                [("", stats.kv_transfer_tokens)])
 
     def _render_lora(self, out: list[str]) -> None:
         running, waiting = self._engine.lora_adapters()

@@ -2,7 +2,8 @@
 
 Every response carries ``x-sim-endpoint`` (the advertised ``ip:port``) so callers
 behind a proxy can tell which pod answered; generation endpoints also echo the size
-and SHA-256 of the body they received, so tests can prove it arrived intact.
+and SHA-256 of the body they received, so tests can prove it arrived intact, and say who
+prefilled the prompt (``x-sim-prefilled-by``; P/D disaggregation is in ``disagg``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from aiohttp import web
 
 from epp.sim.cache_routes import cache_routes, kv_events_context
 from epp.sim.config import SimConfig
+from epp.sim.disagg import (
+    LOCAL_PREFILL,
+    PREFILL_FALLBACK_HEADER,
+    PREFILLED_BY_HEADER,
+    PREFILLER_ECHO_HEADER,
+    PREFILLER_HEADER,
+    PDStats,
+    PrefillSource,
+    RoutingSidecar,
+    kv_transfer_params,
+    remote_source,
+    wants_remote_decode,
+)
 from epp.sim.engine import Completion, Engine
 from epp.sim.formatting import (
     ChatFormat,
@@ -48,6 +62,7 @@ CONFIG_KEY = web.AppKey("epp_sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("epp_sim_engine", Engine)
 METRICS_KEY = web.AppKey("epp_sim_metrics", MetricsPage)
 TOKENIZER_KEY: web.AppKey[Tokenizer | None] = web.AppKey("epp_sim_tokenizer")
+SIDECAR_KEY = web.AppKey("epp_sim_sidecar", RoutingSidecar)
 
 ENDPOINT_HEADER = "x-sim-endpoint"
 REQUEST_BYTES_HEADER = "x-sim-request-bytes"
@@ -85,9 +100,12 @@ def build_app(
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
     app[CONFIG_KEY] = config
     app[ENGINE_KEY] = engine if engine is not None else Engine.from_config(config)
-    app[METRICS_KEY] = MetricsPage(config, app[ENGINE_KEY])
+    pd_stats = PDStats()
+    app[METRICS_KEY] = MetricsPage(config, app[ENGINE_KEY], pd_stats=pd_stats)
     app[TOKENIZER_KEY] = tokenizer if tokenizer is not None else load_tokenizer(config)
+    app[SIDECAR_KEY] = RoutingSidecar(config, pd_stats)
     app.cleanup_ctx.append(kv_events_context(config, app[ENGINE_KEY]))
+    app.cleanup_ctx.append(app[SIDECAR_KEY].context())
     app.on_response_prepare.append(_stamp_endpoint)
     router = app.router
     router.add_post("/v1/completions", _generation_handler(parse_completions, CompletionFormat()))
@@ -150,6 +168,9 @@ async def _stamp_endpoint(request: web.Request, response: web.StreamResponse) ->
     destination = request.headers.get(DESTINATION_HEADER)
     if destination is not None:
         response.headers[DESTINATION_ECHO_HEADER] = destination
+    prefiller = request.headers.get(PREFILLER_HEADER)
+    if prefiller is not None:
+        response.headers[PREFILLER_ECHO_HEADER] = prefiller
 
 
 @web.middleware
@@ -198,6 +219,12 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
             response = _json(exc.body(), status=exc.status)
             response.headers.update(echo)
             return response
+        remote_decode = wants_remote_decode(payload)
+        if remote_decode and config.remote_prefill_error_status:  # the fault asked for
+            status = config.remote_prefill_error_status
+            response = _json(error_body(status, "Injected prefill failure"), status=status)
+            response.headers.update(echo)
+            return response
         head = ResponseMeta(
             id=fmt.id_prefix + (request.headers.get("x-request-id") or uuid.uuid4().hex),
             created=int(time.time()),
@@ -206,14 +233,43 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
         engine = request.app[ENGINE_KEY]
         lora = parsed.model if parsed.model in config.lora_names else None
         completions = [engine.plan(generation, lora=lora) for generation in parsed.generations]
+        source = await _prefill_source(request, payload, len(completions))
+        if source.remote_blocks:
+            first = completions[0]
+            first.remote_tokens = engine.remote_prefill_tokens(first.prompt_tokens,
+                                                               source.remote_blocks)
+        echo[PREFILLED_BY_HEADER] = source.prefilled_by
+        if source.fallback is not None:
+            echo[PREFILL_FALLBACK_HEADER] = source.fallback
         if parsed.stream:
             return await _stream(request, engine, parsed, fmt, head, completions, echo)
         await asyncio.gather(*(engine.execute(c) for c in completions))
-        response = _json(fmt.response(head, completions))
+        answer = fmt.response(head, completions)
+        if remote_decode:  # tell the decode pod where the prompt's KV blocks are
+            answer["kv_transfer_params"] = kv_transfer_params(
+                config, completions[0].kv_blocks, head.id)
+            request.app[SIDECAR_KEY].stats.prefills_for_remote_decode += 1
+        response = _json(answer)
         response.headers.update(echo)
         return response
 
     return handle
+
+
+async def _prefill_source(
+    request: web.Request, payload: Mapping[str, Any], prompts: int
+) -> PrefillSource:
+    """Who computes the prompt's KV: a prefill pod (named by the gateway, or by a sidecar
+    that already ran the prefill) or this pod."""
+    params = payload.get("kv_transfer_params")
+    if prompts == 1 and (source := remote_source(params)) is not None:
+        return source
+    sidecar = request.app[SIDECAR_KEY]
+    prefiller = request.headers.get(PREFILLER_HEADER)
+    if prefiller is None or not sidecar.handles(prefiller, prompts):
+        return LOCAL_PREFILL
+    return await sidecar.prefill(prefiller, request.path, dict(payload),
+                                 request.headers.get("x-request-id"))
 
 
 async def _stream(

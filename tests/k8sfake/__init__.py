@@ -1,0 +1,13 @@
+"""A fake Kubernetes API server for tests: real list/watch protocol over loopback HTTP."""
+
+from tests.k8sfake.server import (
+    DEFAULT_NAMESPACE,
+    FakeKubeServer,
+    Request,
+    make_objective,
+    make_pod,
+    make_pool,
+)
+
+__all__ = ["DEFAULT_NAMESPACE", "FakeKubeServer", "Request", "make_objective", "make_pod",
+           "make_pool"]
