@@ -54,7 +54,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "qwen3"
 PODS = 4
 SIM_ARGS = ("--ttft-ms", "0", "--itl-ms", "0", "--max-tokens", "1", "--tokenizer", "bytes",
-            "--prefill-tokens-per-s", "0")
+            "--prefill-tokens-per-s", "0", "--no-enable-prefix-caching")
 EPP_ARGS = ("--log-level", "WARNING")
 BODY_VARIANTS = 64  # distinct prompts per size, cycled, so no two requests in a row match
 REQUEST_TIMEOUT_S = 10

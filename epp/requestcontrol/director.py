@@ -296,6 +296,9 @@ class Director:
         usage = handle.usage
         if match is None or not match.precise or usage is None or usage.cached_tokens is None:
             return
+        if any(r.endpoints for name, r in handle.result.profiles.items()
+               if name != handle.result.primary):
+            return  # disaggregated: the decode pod also counts the KV it received
         predicted = match.predicted_engine_cached(handle.endpoints[0].name)
         diff = usage.cached_tokens - predicted
         self._metrics.index_accuracy.observe(diff)
