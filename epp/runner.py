@@ -103,7 +103,7 @@ class App:
         for service in self.kv_services:
             await service.start(self.pool)
             self.metrics.registry.register(KVEventsCollector(
-                service.event_stats, lambda s=service: len(s.index)))
+                service.event_stats, service.index.__len__))
         self.metrics.registry.register(PoolCollector(
             self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
@@ -141,8 +141,9 @@ class App:
         site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
         await site.start()
         server = site._server  # aiohttp exposes bound sockets only here
-        assert server is not None and server.sockets
-        return int(server.sockets[0].getsockname()[1])
+        sockets = getattr(server, "sockets", None)
+        assert sockets
+        return int(sockets[0].getsockname()[1])
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

@@ -46,7 +46,7 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
 
 

@@ -33,9 +33,14 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 class RoutedRequest(Protocol):
     """What the director hands back for a routed request."""
 
-    destination: str
-    set_headers: Mapping[str, str]
-    remove_headers: Sequence[str]
+    @property
+    def destination(self) -> str: ...
+
+    @property
+    def set_headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def remove_headers(self) -> Sequence[str]: ...
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None: ...
 

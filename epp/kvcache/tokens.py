@@ -138,10 +138,10 @@ class LocalPromptTokenizer:
             it = iter(encoded)
             for i, hit in enumerate(found):
                 if hit is None:
-                    ids = next(it)
-                    found[i] = ids
+                    fresh = next(it)
+                    found[i] = fresh
                     if len(segments[i]) >= MIN_CACHED_SEGMENT_CHARS:
-                        cache[segments[i]] = ids
+                        cache[segments[i]] = fresh
             while len(cache) > self._cache_size:
                 cache.popitem(last=False)
         out: list[int] = []

@@ -4,11 +4,15 @@
   token ids the engine would run, as vLLM's ``GenerateRequest`` (a list of them for
   completions, one per prompt; one object for chat).
 - ``POST /reset_prefix_cache``: drop the cache (``AllBlocksCleared``); an empty 200.
+- ``POST /debug/prefix_lookup``: how much of a prompt (``token_ids``, or a completions or
+  chat body) this pod holds now, and its load; changes nothing. Not vLLM's: benchmarks
+  use it to route like an oracle that sees every pod's true cache.
 - The KV events publisher's lifetime, tied to the application's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -57,12 +61,38 @@ def cache_routes(
         engine.reset_prefix_cache()
         return web.Response(status=200)  # vLLM answers with an empty 200 too
 
+    async def prefix_lookup(request: web.Request) -> web.Response:
+        payload = decode_json_object(await request.read())
+        model = payload.get("model", config.default_model)
+        lora = model if model in config.lora_names else None
+        token_ids = payload.get("token_ids")
+        if token_ids is None:
+            if tokenizer is None:
+                raise ApiError(501, "prefix lookup of text needs a tokenizer; send token_ids")
+            parse = parse_chat if "messages" in payload else parse_completions
+            parsed = parse(payload, config.model_names, config.default_max_tokens)
+            token_ids = list((await render_prompts(tokenizer, parsed))[0].token_ids)
+        elif not isinstance(token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise ApiError(400, "token_ids must be a list of integers", param="token_ids")
+        cache = engine.prefix_cache
+        stats = engine.stats
+        body = {
+            "prompt_tokens": len(token_ids),
+            "cached_tokens": cache.lookup(token_ids, lora) if cache is not None else 0,
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": engine.kv_cache_usage,
+        }
+        return web.Response(body=msgspec.json.encode(body), content_type="application/json")
+
     return [
         web.post("/v1/completions/render",
                  render_handler(parse_completions, "cmpl-", "Completions", True)),
         web.post("/v1/chat/completions/render",
                  render_handler(parse_chat, "chatcmpl-", "Chat Completions", False)),
         web.post("/reset_prefix_cache", reset),
+        web.post("/debug/prefix_lookup", prefix_lookup),
     ]
 
 
@@ -100,7 +130,10 @@ def kv_events_context(
             yield
             return
         topic = f"kv@{config.advertise}@{config.default_model}"
-        publisher = KVEventPublisher(config.kv_events, host=config.host, topic=topic)
+        # vLLM publishes once per engine step: a faster-running fleet flushes sooner too.
+        events = dataclasses.replace(
+            config.kv_events, flush_ms=config.kv_events.flush_ms / config.time_scale)
+        publisher = KVEventPublisher(events, host=config.host, topic=topic)
         await publisher.start()
         cache.subscribe(publisher.publish)
         try:

@@ -18,12 +18,30 @@ from epp.sim.config import (
     DEFAULT_PREFILL_TOKENS_PER_S,
     DEFAULT_REMOTE_PREFILL_TIMEOUT_S,
     DEFAULT_ROLE,
+    DEFAULT_TIME_SCALE,
     DEFAULT_TOKENIZER,
     ROLES,
     SimConfig,
 )
 from epp.sim.kv_events import ENCODINGS, HASH_FORMS, KVEventsConfig
+from epp.sim.profiles import FleetProfile, available_profiles, load_profile
 from epp.sim.server import run
+
+# Built-in values of the settings a --profile may set; explicit flags beat the profile,
+# the profile beats these.
+BUILTIN_DEFAULTS: dict[str, float | int] = {
+    "ttft_ms": 0.0,
+    "itl_ms": 0.0,
+    "itl_ms_per_seq": 0.0,
+    "itl_us_per_kv_token": 0.0,
+    "max_num_seqs": DEFAULT_MAX_NUM_SEQS,
+    "kv_capacity_tokens": DEFAULT_KV_CAPACITY_TOKENS,
+    "block_size": DEFAULT_BLOCK_SIZE,
+    "prefill_tokens_per_s": DEFAULT_PREFILL_TOKENS_PER_S,
+    "max_num_batched_tokens": DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    "kv_transfer_us_per_token": DEFAULT_KV_TRANSFER_US_PER_TOKEN,
+    "cpu_offload_blocks": 0,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,21 +60,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="served model name; repeat for several (default qwen3)",
     )
-    parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token (ms)")
-    parser.add_argument("--itl-ms", type=float, default=0.0, help="inter-token latency (ms)")
+    parser.add_argument(
+        "--profile", default=None, metavar="NAME|PATH",
+        help="fleet profile: every timing and capacity setting of one GPU type "
+             f"({', '.join(available_profiles())}, or a YAML file); flags override it",
+    )
+    parser.add_argument(
+        "--time-scale", type=float, default=DEFAULT_TIME_SCALE, metavar="S",
+        help="run the fleet S times faster than real time: every duration / S, every rate "
+             f"x S (default {DEFAULT_TIME_SCALE:g})",
+    )
+    parser.add_argument("--ttft-ms", type=float, default=None,
+                        help="fixed engine time before the first token (ms, default 0)")
+    parser.add_argument("--itl-ms", type=float, default=None,
+                        help="decode step time, fixed part (ms, default 0)")
+    parser.add_argument(
+        "--itl-ms-per-seq", type=float, default=None,
+        help="decode step time added per running sequence (ms, default 0)",
+    )
+    parser.add_argument(
+        "--itl-us-per-kv-token", type=float, default=None,
+        help="decode step time added per token of KV the batch holds (us, default 0)",
+    )
     parser.add_argument(
         "--max-tokens", type=int, default=16, help="output tokens when a request sets none"
     )
     parser.add_argument(
-        "--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+        "--max-num-seqs", type=int, default=None,
         help=f"batch slots; later requests wait in a queue (default {DEFAULT_MAX_NUM_SEQS})",
     )
     parser.add_argument(
-        "--kv-capacity-tokens", type=int, default=DEFAULT_KV_CAPACITY_TOKENS,
+        "--kv-capacity-tokens", type=int, default=None,
         help=f"KV cache size in tokens (default {DEFAULT_KV_CAPACITY_TOKENS})",
     )
     parser.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+        "--num-gpu-blocks-override", type=int, default=None, metavar="N",
+        help="KV cache size in blocks (vLLM's flag); instead of --kv-capacity-tokens",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=None,
         help=f"KV cache block size in tokens (default {DEFAULT_BLOCK_SIZE})",
     )
     parser.add_argument(
@@ -80,12 +122,12 @@ def _add_disaggregation_flags(parser: argparse.ArgumentParser) -> None:
              f"x-prefiller-host-port first (default {DEFAULT_ROLE})",
     )
     parser.add_argument(
-        "--kv-transfer-us-per-token", type=float, default=DEFAULT_KV_TRANSFER_US_PER_TOKEN,
+        "--kv-transfer-us-per-token", type=float, default=None,
         help="time to receive one prompt token's KV from a prefill pod, in microseconds "
              f"(default {DEFAULT_KV_TRANSFER_US_PER_TOKEN:g}: 128 KiB/token over ~25 GB/s)",
     )
     parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        "--max-num-batched-tokens", type=int, default=None,
         help="prefill chunk per engine step; each chunk delays running decodes "
              f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS})",
     )
@@ -113,7 +155,7 @@ def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
         help="load any HF tokenizer directory (tokenizer.json + chat template) instead",
     )
     parser.add_argument(
-        "--prefill-tokens-per-s", type=float, default=DEFAULT_PREFILL_TOKENS_PER_S,
+        "--prefill-tokens-per-s", type=float, default=None,
         help="prefill speed for uncached prompt tokens; 0 = instant "
              f"(default {DEFAULT_PREFILL_TOKENS_PER_S:g})",
     )
@@ -122,7 +164,7 @@ def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
         help="keep a prefix cache of full prompt blocks (default on)",
     )
     parser.add_argument(
-        "--cpu-offload-blocks", type=int, default=0, metavar="N",
+        "--cpu-offload-blocks", type=int, default=None, metavar="N",
         help="blocks on a CPU tier that receives GPU evictions (default 0: none)",
     )
     parser.add_argument(
@@ -152,24 +194,20 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.tokenizer is not None and args.tokenizer_dir is not None:
         raise ValueError("give --tokenizer or --tokenizer-dir, not both")
     tokenizer = "hf" if args.tokenizer_dir is not None else args.tokenizer or DEFAULT_TOKENIZER
+    settings = resolve_settings(args, load_profile(args.profile) if args.profile else None)
     return SimConfig(
         host=args.host,
         port=args.port,
         advertise=args.advertise,
         served_model_names=args.models or ("qwen3",),
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
         default_max_tokens=args.max_tokens,
-        max_num_seqs=args.max_num_seqs,
-        kv_capacity_tokens=args.kv_capacity_tokens,
-        block_size=args.block_size,
         lora_names=args.loras or (),
         max_loras=args.max_loras,
         tokenizer=tokenizer,
         tokenizer_dir=args.tokenizer_dir,
-        prefill_tokens_per_s=args.prefill_tokens_per_s,
         enable_prefix_caching=args.enable_prefix_caching,
-        cpu_offload_blocks=args.cpu_offload_blocks,
+        time_scale=args.time_scale,
+        **settings,  # type: ignore[arg-type]
         kv_events=KVEventsConfig(
             port=args.kv_events_port,
             replay_port=args.kv_events_replay_port,
@@ -177,12 +215,26 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             hash_form=args.kv_events_hash,
             drop_seq=args.kv_events_drop_seq,
         ),
-        max_num_batched_tokens=args.max_num_batched_tokens,
         role=args.role,
-        kv_transfer_us_per_token=args.kv_transfer_us_per_token,
         remote_prefill_timeout_s=args.remote_prefill_timeout_s,
         remote_prefill_error_status=args.remote_prefill_error_status,
     )
+
+
+def resolve_settings(args: argparse.Namespace,
+                     profile: FleetProfile | None) -> dict[str, float | int]:
+    """The fleet settings: each from its flag if given, else the profile, else built in."""
+    settings: dict[str, float | int] = {}
+    for name, default in BUILTIN_DEFAULTS.items():
+        value = getattr(args, name)
+        if value is None and profile is not None:
+            value = profile.settings.get(name)
+        settings[name] = default if value is None else value
+    if args.num_gpu_blocks_override is not None:
+        if args.kv_capacity_tokens is not None:
+            raise ValueError("give --kv-capacity-tokens or --num-gpu-blocks-override, not both")
+        settings["kv_capacity_tokens"] = args.num_gpu_blocks_override * int(settings["block_size"])
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,10 @@ DEFAULT_KV_TRANSFER_US_PER_TOKEN = 5.0
 # server with chunked prefill (2048; vLLM raises it to 8192 on H100-class GPUs). Decode
 # steps of running requests interleave with these chunks (see ``epp.sim.timeline``).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# --time-scale: the sim runs its fleet this many times faster than real time (every
+# duration divided by it, every rate multiplied), so a long run fits a small machine.
+# 1 = real time.
+DEFAULT_TIME_SCALE = 1.0
 # How long a decode pod waits for its prefill pod before it prefills locally. Generous: a
 # 128K-token prompt takes ~6 s to prefill at the default rate, plus queueing.
 DEFAULT_REMOTE_PREFILL_TIMEOUT_S = 30.0
@@ -78,6 +82,9 @@ class SimConfig:
     served_model_names: Sequence[str] = field(default_factory=lambda: ("qwen3",))
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
+    itl_ms_per_seq: float = 0.0
+    itl_us_per_kv_token: float = 0.0
+    time_scale: float = DEFAULT_TIME_SCALE
     default_max_tokens: int = 16
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
@@ -109,10 +116,13 @@ class SimConfig:
             _check_address(self.advertise)
         served = _check_models(self.served_model_names, "served_model_names")
         object.__setattr__(self, "served_model_names", served)
-        for name in ("ttft_ms", "itl_ms"):
+        for name in ("ttft_ms", "itl_ms", "itl_ms_per_seq", "itl_us_per_kv_token"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        scale = self.time_scale
+        if not _is_number(scale) or not math.isfinite(scale) or not 0.01 <= scale <= 1000:
+            raise ValueError(f"time_scale must be a number in [0.01, 1000], got {scale!r}")
         if not _is_int(self.default_max_tokens) or self.default_max_tokens < 1:
             raise ValueError(
                 f"default_max_tokens must be an integer >= 1, got {self.default_max_tokens!r}"

@@ -16,7 +16,10 @@ of the last block within a decode step.
 A small service model makes queues real: at most ``max_num_seqs`` sequences run at once
 (and at most ``max_loras`` distinct LoRA adapters among them); the rest wait in FIFO
 order, as in vLLM's scheduler. Running sequences hold KV cache for their prompt and the
-tokens generated so far. ``EngineStats`` holds what ``/metrics`` reports.
+tokens generated so far. A decode step lasts ``itl_ms`` plus ``itl_ms_per_seq`` per
+running sequence plus ``itl_us_per_kv_token`` per token of KV they hold, so a fuller
+batch decodes slower. ``time_scale`` runs every duration that many times faster on the
+wall clock. ``EngineStats`` holds what ``/metrics`` reports.
 """
 
 from __future__ import annotations
@@ -240,15 +243,26 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         kv_transfer_us_per_token: float = 0.0,
+        itl_ms_per_seq: float = 0.0,
+        itl_us_per_kv_token: float = 0.0,
+        time_scale: float = 1.0,
     ) -> None:
         if max_num_seqs < 1 or kv_capacity_tokens < 1 or max_loras < 1 or block_size < 1:
             raise ValueError(
                 "max_num_seqs, kv_capacity_tokens, max_loras and block_size must be >= 1")
-        self._ttft_s = ttft_ms / 1000.0
-        self._transfer_s_per_token = kv_transfer_us_per_token / 1e6
-        self.timeline = ComputeTimeline(prefill_tokens_per_s=prefill_tokens_per_s,
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        # Every duration on the wall clock is the fleet's divided by the time scale.
+        wall = 1.0 / time_scale
+        self._ttft_s = ttft_ms / 1000.0 * wall
+        self._transfer_s_per_token = kv_transfer_us_per_token / 1e6 * wall
+        self._step_base_s = itl_ms / 1000.0 * wall
+        self._step_per_seq_s = itl_ms_per_seq / 1000.0 * wall
+        self._step_per_kv_token_s = itl_us_per_kv_token / 1e6 * wall
+        self._step_grows = bool(itl_ms_per_seq or itl_us_per_kv_token)
+        self.timeline = ComputeTimeline(prefill_tokens_per_s=prefill_tokens_per_s * time_scale,
                                         chunk_tokens=max_num_batched_tokens,
-                                        step_s=itl_ms / 1000.0)
+                                        step_s=self._step_base_s)
         self.prefix_cache = prefix_cache
         self.block_size = prefix_cache.block_size if prefix_cache is not None else block_size
         self._count_tokens = count_tokens
@@ -270,6 +284,9 @@ class Engine:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_transfer_us_per_token=config.kv_transfer_us_per_token,
+            itl_ms_per_seq=config.itl_ms_per_seq,
+            itl_us_per_kv_token=config.itl_us_per_kv_token,
+            time_scale=config.time_scale,
             prefix_cache=PrefixCache(
                 block_size=config.block_size,
                 num_gpu_blocks=config.num_gpu_blocks,
@@ -283,6 +300,16 @@ class Engine:
         """Fraction of the KV cache held by running sequences, clipped to 1.0 (the sim
         does not preempt on a full cache as vLLM would)."""
         return min(1.0, self.stats.kv_tokens / self.kv_capacity_tokens)
+
+    def decode_step_s(self) -> float:
+        """How long one decode step takes with the batch as it is now (wall clock)."""
+        stats = self.stats
+        return (self._step_base_s + self._step_per_seq_s * stats.running
+                + self._step_per_kv_token_s * stats.kv_tokens)
+
+    def _update_step(self) -> None:
+        if self._step_grows:
+            self.timeline.step_s = self.decode_step_s()
 
     def lora_adapters(self) -> tuple[frozenset[str], frozenset[str]]:
         """LoRA adapters of the running and of the waiting requests."""
@@ -341,6 +368,7 @@ class Engine:
             # The tail after the transferred blocks (under a block) rides in a decode step.
             return lease, now + transferred * self._transfer_s_per_token
         completion.cached_tokens = cached
+        self._update_step()
         # Decode slots between the chunks only when another request will use them.
         interleave = self._decoders > (completion.completion_tokens > 1)
         return lease, self.timeline.prefill(now, completion.prompt_tokens - cached,
@@ -375,11 +403,13 @@ class Engine:
             for index, token in enumerate(completion.tokens):
                 if index:
                     previous = deadline
+                    self._update_step()
                     deadline = timeline.decode_step_end(previous)
                 # Zero-latency runs never yield to the loop here.
                 while (delay := deadline - loop.time()) > 0:
                     await asyncio.sleep(delay)
                     if index:  # prefill queued meanwhile may have delayed this step
+                        self._update_step()
                         deadline = timeline.decode_step_end(previous)
                 stats.generation_tokens_total += 1
                 stats.kv_tokens += 1

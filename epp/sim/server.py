@@ -67,6 +67,10 @@ SIDECAR_KEY = web.AppKey("epp_sim_sidecar", RoutingSidecar)
 ENDPOINT_HEADER = "x-sim-endpoint"
 REQUEST_BYTES_HEADER = "x-sim-request-bytes"
 REQUEST_SHA256_HEADER = "x-sim-request-sha256"
+# When the request reached the pod's handler: CLOCK_MONOTONIC seconds, the same clock for
+# every process on the host, so a client there can tell how long the path through a
+# router took (its send time to this).
+RECEIVED_AT_HEADER = "x-sim-received-at"
 # Echo of the x-gateway-destination-endpoint header the gateway forwarded (the EPP's
 # pick), so tests can check the pod that served is the pod that was picked.
 DESTINATION_ECHO_HEADER = "x-sim-destination"
@@ -205,10 +209,12 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
     """A POST handler: read the body, parse it, run the engine, answer in ``fmt``."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
         body = await request.read()  # also de-chunks Transfer-Encoding: chunked bodies
         echo = {
             REQUEST_BYTES_HEADER: str(len(body)),
             REQUEST_SHA256_HEADER: hashlib.sha256(body).hexdigest(),
+            RECEIVED_AT_HEADER: f"{received_at:.6f}",
         }
         config = request.app[CONFIG_KEY]
         try:

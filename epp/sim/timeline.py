@@ -15,9 +15,9 @@ The model (vLLM with chunked prefill, simplified):
 
 So while a pod prefills anything, its running decodes produce a token every
 ``itl + chunk / rate`` instead of every ``itl``: the interference that prefill/decode
-disaggregation keeps off decode pods. Not modelled: step time growing with batch size
-(decode is memory-bound and the sim's batches are small) and KV transfers, which use the
-network rather than this timeline.
+disaggregation keeps off decode pods. The step time itself is the engine's to set
+(``step_s``): it grows with the batch and the KV the batch holds (``epp.sim.engine``).
+Not modelled: KV transfers, which use the network rather than this timeline.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ class ComputeTimeline:
         self._starts: list[float] = []
         self._ends: list[float] = []
         self._free_at = -math.inf  # end of the last scheduled chunk
+
+    @property
+    def step_s(self) -> float:
+        """The duration of one decode step now (the engine updates it as its batch changes)."""
+        return self._step_s
+
+    @step_s.setter
+    def step_s(self, value: float) -> None:
+        self._step_s = max(0.0, value)
 
     @property
     def busy_until(self) -> float:

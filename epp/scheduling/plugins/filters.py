@@ -67,7 +67,7 @@ class HeaderBasedTestingFilter:
         if not value:
             return list(endpoints)
         wanted = [v.strip() for v in value.split(",") if v.strip()]
-        out = []
+        out: list[Endpoint] = []
         for w in wanted:  # header order: the first named endpoint is the primary
             out.extend(e for e in endpoints if (e.address == w or e.ip == w) and e not in out)
         return out
