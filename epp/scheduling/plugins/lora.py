@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 from epp.datastore import Endpoint
-from epp.scheduling.registry import NoParams, PluginDeps
+from epp.scheduling.plugins.scorers import FreshnessAware
 from epp.scheduling.types import SchedulingContext
 
 # GIE's values: loaded beats room-to-load beats queued-to-load beats no room.
@@ -15,26 +13,17 @@ SCORE_ROOM = 0.8
 SCORE_WAITING = 0.6
 
 
-class LoraAffinityScorer:
+class LoraAffinityScorer(FreshnessAware):
     """1.0 adapter active, 0.8 room to load it, 0.6 already waiting for it, else 0."""
 
     type_name = "lora-affinity-scorer"
-    Params = NoParams
-
-    def __init__(self, name: str, stale_after_s: float) -> None:
-        self.name = name
-        self.stale_after_s = stale_after_s
-
-    @classmethod
-    def from_config(cls, name: str, params: Any, deps: PluginDeps) -> Any:
-        return cls(name, deps.metrics_stale_after_s)
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
         model = ctx.model
         out = []
         for e in endpoints:
             m = e.state.metrics
-            if e.metrics_stale(ctx.now, self.stale_after_s):
+            if not self.fresh(ctx, e):
                 out.append(0.0)
             elif model in m.running_loras:
                 out.append(SCORE_ACTIVE)

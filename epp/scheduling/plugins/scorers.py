@@ -38,7 +38,7 @@ def min_max_scores(values: Sequence[float | None]) -> list[float]:
     return [0.0 if v is None else (hi - v) / span for v in values]
 
 
-class _FreshnessAware:
+class FreshnessAware:
     """Shared construction for scorers that read scraped metrics."""
 
     type_name = ""
@@ -52,37 +52,37 @@ class _FreshnessAware:
     def from_config(cls, name: str, params: Any, deps: PluginDeps) -> Any:
         return cls(name, deps.metrics_stale_after_s)
 
-    def _fresh(self, ctx: SchedulingContext, e: Endpoint) -> bool:
+    def fresh(self, ctx: SchedulingContext, e: Endpoint) -> bool:
         return not e.metrics_stale(ctx.now, self.stale_after_s)
 
 
-class QueueScorer(_FreshnessAware):
+class QueueScorer(FreshnessAware):
     """Shorter waiting queue scores higher: ``(max - q) / (max - min)`` over candidates."""
 
     type_name = "queue-scorer"
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_scores([
-            float(_pending_queue(e)) if self._fresh(ctx, e) else None for e in endpoints])
+            float(_pending_queue(e)) if self.fresh(ctx, e) else None for e in endpoints])
 
 
-class RunningRequestsSizeScorer(_FreshnessAware):
+class RunningRequestsSizeScorer(FreshnessAware):
     """Fewer running requests scores higher: min-max normalised like the queue scorer."""
 
     type_name = "running-requests-size-scorer"
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_scores([
-            float(_pending_running(e)) if self._fresh(ctx, e) else None for e in endpoints])
+            float(_pending_running(e)) if self.fresh(ctx, e) else None for e in endpoints])
 
 
-class KVCacheUtilizationScorer(_FreshnessAware):
+class KVCacheUtilizationScorer(FreshnessAware):
     """Free KV cache scores higher: ``1 - usage``."""
 
     type_name = "kv-cache-utilization-scorer"
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [1.0 - e.state.metrics.kv_cache_usage if self._fresh(ctx, e) else 0.0
+        return [1.0 - e.state.metrics.kv_cache_usage if self.fresh(ctx, e) else 0.0
                 for e in endpoints]
 
 
@@ -92,7 +92,7 @@ class LoadAwareParams(PluginParams):
     threshold: int = 128
 
 
-class LoadAwareScorer(_FreshnessAware):
+class LoadAwareScorer(FreshnessAware):
     """llm-d's load-aware scorer: 0.5 for an empty queue, falling linearly to 0 at
     ``threshold`` waiting requests."""
 
@@ -113,7 +113,7 @@ class LoadAwareScorer(_FreshnessAware):
         out = []
         t = self.threshold
         for e in endpoints:
-            if not self._fresh(ctx, e):
+            if not self.fresh(ctx, e):
                 out.append(0.0)
                 continue
             q = min(_pending_queue(e), t)
