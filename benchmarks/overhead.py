@@ -67,10 +67,12 @@ GOAL_ADDED_P50_MS_C1 = 0.5
 ENVOY_RR = "a"
 ENVOY_EPP = "b"
 DIRECT = "c"
+ENVOY_EPP_GRPC = "d"
 SCENARIO_LABELS = {
     ENVOY_RR: "(a) Envoy round-robin",
     ENVOY_EPP: "(b) Envoy + EPP",
     DIRECT: "(c) direct to pod",
+    ENVOY_EPP_GRPC: "(d) Envoy + EPP on grpc.aio",
 }
 
 WRK_LUA = """\
@@ -316,9 +318,10 @@ class LoadGenerator:
 class Target:
     """One way to reach the pods."""
 
-    key: str  # ENVOY_RR, ENVOY_EPP or DIRECT
+    key: str  # ENVOY_RR, ENVOY_EPP, DIRECT or ENVOY_EPP_GRPC
     url: str
     envoy_group: str | None  # the CPU group of the Envoy in the path, if any
+    epp_group: str = "epp"  # the CPU group of the EPP in (or beside) the path
 
 
 @dataclass(frozen=True)
@@ -331,11 +334,12 @@ class Cell:
     load: LoadResult
     cpu: CpuUsage
     envoy_group: str | None
+    epp_group: str = "epp"
 
     @property
     def epp_us(self) -> float:
         """EPP CPU µs per request (its idle cost when the EPP is not in the path)."""
-        return self.cpu.per_request_us["epp"]
+        return self.cpu.per_request_us[self.epp_group]
 
     @property
     def envoy_us(self) -> float:
@@ -386,7 +390,8 @@ def run_cells(targets: Sequence[Target], workloads: Sequence[Workload],
         load = generator.run(target.url, workload, conc, duration_s)
         after = CpuSnapshot.take(groups)
         cell = Cell(target.key, workload.size, conc, load,
-                    CpuUsage.between(before, after, load.requests), target.envoy_group)
+                    CpuUsage.between(before, after, load.requests), target.envoy_group,
+                    target.epp_group)
         print(f"{label}: {load.rps:.0f} req/s, p50 {load.p50_ms:.3f} ms, "
               f"p99 {load.p99_ms:.3f} ms, errors {load.errors}", file=sys.stderr, flush=True)
         cells.append(cell)
@@ -458,6 +463,17 @@ def render(info: RunInfo, cells: Sequence[Cell], sizes: Sequence[int],
             f"{_f(load.p99_ms, 3)} | {load.errors} | {_f(cell.epp_us, 0)} | "
             f"{_f(cell.envoy_us, 0)} |")
 
+    out += ["", "## Transport: lean HTTP/2 (b) vs grpc.aio (d), same run", "",
+            "| prompt | c | (b)/(d) req/s | (b) EPP µs/req | (d) EPP µs/req | p50 (b) ms "
+            "| p50 (d) ms |", "|---|--:|--:|--:|--:|--:|--:|"]
+    for size in sizes:
+        for conc in concurrencies:
+            b, d = _find(cells, ENVOY_EPP, size, conc), _find(cells, ENVOY_EPP_GRPC, size, conc)
+            if b is None or d is None:
+                continue
+            ratio = b.load.rps / d.load.rps if d.load.rps else math.nan
+            out.append(f"| {size_label(size)} | {conc} | {ratio:.2f} | {_f(b.epp_us, 0)} | "
+                       f"{_f(d.epp_us, 0)} | {_f(b.load.p50_ms, 3)} | {_f(d.load.p50_ms, 3)} |")
     out += ["", "## EPP vs. plain Envoy, same run", "",
             "| prompt | c | (b)/(a) req/s | p50 added (ms) | p99 added (ms) "
             "| CPU added (µs/req, EPP + Envoy) |",
@@ -570,6 +586,7 @@ def measure(args: argparse.Namespace, generator: LoadGenerator, work_dir: Path) 
     stack = LocalStack(work_dir, ports, sim_args=SIM_ARGS, epp_args=EPP_ARGS,
                        envoy_concurrency=args.envoy_concurrency)
     rr_envoy: Process | None = None
+    stacks: list[LocalStack] = []
     try:
         stack.start_sims()
         stack.start_epp()
@@ -578,16 +595,28 @@ def measure(args: argparse.Namespace, generator: LoadGenerator, work_dir: Path) 
         rr_envoy = start_round_robin_envoy(work_dir, rr_port, rr_admin, ports.sims,
                                            args.envoy_concurrency)
         assert stack.epp is not None and stack.envoy is not None
+        # The same EPP on the grpc.aio transport, behind its own Envoy, same pods.
+        grpc_ports = StackPorts.free(0)
+        grpc_stack = LocalStack(work_dir / "grpc", grpc_ports, epp_args=EPP_ARGS,
+                                envoy_concurrency=args.envoy_concurrency)
+        grpc_stack.endpoints_file = stack.endpoints_file
+        stacks.append(grpc_stack)
+        grpc_stack.start_epp(extra_args=["--extproc-server", "grpc"])
+        grpc_stack.start_envoy()
+        assert grpc_stack.epp is not None and grpc_stack.envoy is not None
         path = "/v1/completions"
         targets = [
             Target(ENVOY_RR, f"http://127.0.0.1:{rr_port}{path}", "envoy-rr"),
             Target(ENVOY_EPP, f"{stack.url}{path}", "envoy-epp"),
             Target(DIRECT, f"http://{stack.sim_addresses[0]}{path}", None),
+            Target(ENVOY_EPP_GRPC, f"{grpc_stack.url}{path}", "envoy-grpc", "epp-grpc"),
         ]
         groups = {
             "epp": [stack.epp.pid],
+            "epp-grpc": [grpc_stack.epp.pid],
             "envoy-rr": [rr_envoy.pid],
             "envoy-epp": [stack.envoy.pid],
+            "envoy-grpc": [grpc_stack.envoy.pid],
             "sims": [sim.pid for sim in stack.sims],
         }
         workloads = [Workload.write(work_dir, size) for size in args.sizes]
@@ -606,6 +635,8 @@ def measure(args: argparse.Namespace, generator: LoadGenerator, work_dir: Path) 
     finally:
         if rr_envoy is not None:
             rr_envoy.stop()
+        for extra in stacks:
+            extra.stop()
         stack.stop()
 
 
