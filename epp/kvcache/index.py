@@ -137,7 +137,8 @@ class BlockIndex:
             parent = found
         if ev.lora_name:
             self.known_loras.add(ev.lora_name)
-        keys = _keys_with_extras(ev, parent)
+        keys = (chain_keys(ev.token_ids, ev.block_size, parent) if ev.extra_keys is None
+                else _keys_with_extras(ev, parent))
         bit = eb.bits[0 if ev.medium in (None, MEDIUM_GPU) else 1]
         holders = self._holders
         by_engine = eb.by_engine_hash

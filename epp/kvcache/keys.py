@@ -33,6 +33,8 @@ def chain_keys(tokens: Sequence[int], block_size: int, parent: int,
         n = min(n, max_blocks)
     if n == 0:
         return []
+    if n == 1:  # the common decode-time event: one new block
+        return [_xxh3(array("I", tokens[:block_size]).tobytes(), parent)]
     packed = array("I", tokens[: n * block_size]).tobytes()  # uint32: vocab ids < 2**32
     step = 4 * block_size
     keys = []

@@ -13,13 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
+# Events are msgspec Structs, not dataclasses: one is built per decoded event, and a
+# frozen Struct costs ~0.06 us to build against ~0.7 us for a frozen dataclass.
+
 # vLLM's medium names; None (older engines) means GPU.
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"
 
 
-@dataclass(frozen=True, slots=True)
-class BlockStored:
+class BlockStored(msgspec.Struct, frozen=True, gc=False):
     """New full blocks (``token_ids`` holds ``len(block_hashes) * block_size`` tokens)."""
 
     block_hashes: tuple[int, ...]
@@ -35,8 +39,7 @@ class BlockStored:
     group_idx: int = 0  # KV-cache group (hybrid models have several)
 
 
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
+class BlockRemoved(msgspec.Struct, frozen=True, gc=False):
     """Blocks evicted from one medium."""
 
     block_hashes: tuple[int, ...]
@@ -44,16 +47,14 @@ class BlockRemoved:
     group_idx: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
+class AllBlocksCleared(msgspec.Struct, frozen=True, gc=False):
     """The engine dropped its whole prefix cache."""
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-@dataclass(frozen=True, slots=True)
-class KVEventBatch:
+class KVEventBatch(msgspec.Struct, frozen=True, gc=False):
     """One published message: events in order, plus what could not be understood."""
 
     ts: float
