@@ -48,3 +48,42 @@ bench-overhead: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+
+# Routing quality and overhead side by side with the peers (benchmarks/compare): one
+# simulated fleet, every router, the same workloads. The peers (vllm-router,
+# sglang-router), inference-perf and matplotlib live in their own venv, never in
+# $(VENV); inference-perf needs Python >= 3.12, so the first python3.12/3.13 found
+# (PATH, then pyenv's versions) builds it. `make bench` takes about 9 minutes on 2 cores
+# once the venvs exist; `make bench-full` runs the rate sweep (about an hour) and then
+# benchmarks/overhead.py.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+VLLM_ROUTER_VERSION := 0.1.17
+SGLANG_ROUTER_VERSION := 0.3.2
+INFERENCE_PERF_VERSION := 0.7.0
+PEERS_STAMP := $(PEERS_VENV)/.installed-$(VLLM_ROUTER_VERSION)-$(SGLANG_ROUTER_VERSION)-$(INFERENCE_PERF_VERSION)
+PEERS_PYTHON ?= $(shell for v in 3.12 3.13; do \
+	  p=$$(command -v python$$v) && $$p -c '' 2>/dev/null && { echo $$p; exit 0; }; \
+	  r=$$(pyenv root 2>/dev/null) || continue; \
+	  for d in $$(ls -d $$r/versions/$$v.* 2>/dev/null | sort -V -r); do \
+	    [ -x $$d/bin/python$$v ] && { echo $$d/bin/python$$v; exit 0; }; done; \
+	done; echo $(PYTHON))
+
+.PHONY: bench bench-full
+
+$(PEERS_STAMP):
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_PY) -m pip install --quiet --upgrade pip
+	$(PEERS_PY) -m pip install --quiet vllm-router==$(VLLM_ROUTER_VERSION) \
+		sglang-router==$(SGLANG_ROUTER_VERSION) matplotlib
+	$(PEERS_PY) -m pip install --quiet inference-perf==$(INFERENCE_PERF_VERSION) || \
+		echo "inference-perf not installed (it needs Python >= 3.12): its table is skipped"
+	touch $(PEERS_STAMP)
+
+bench: $(STAMP) $(PEERS_STAMP)
+	$(PY) -m benchmarks.compare $(BENCH_ARGS)
+
+bench-full: $(STAMP) $(PEERS_STAMP)
+	$(PY) -m benchmarks.compare --plan full $(BENCH_ARGS)
+	$(PY) benchmarks/overhead.py

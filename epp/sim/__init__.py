@@ -6,7 +6,8 @@ Layers: ``config`` (settings), ``engine`` (request-processing and batch/queue mo
 ids), ``parsing`` and ``formatting`` (OpenAI wire format), ``metrics`` (vLLM's
 ``/metrics`` page), ``kv_events`` (vLLM's ZMQ KV events), ``disagg`` (prefill/decode
 disaggregation: llm-d's sidecar on decode pods, ``kv_transfer_params`` on prefill pods),
-``cache_routes`` (render and reset endpoints), ``server`` (aiohttp routes) and ``cli``.
+``cache_routes`` (render, reset and the benchmarks' prefix-lookup endpoints), ``server``
+(aiohttp routes), ``cli`` and ``profiles`` (timings and capacities per GPU type, YAML).
 """
 
 from epp.sim.config import SimConfig

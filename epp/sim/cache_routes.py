@@ -80,8 +80,8 @@ def cache_routes(
         body = {
             "prompt_tokens": len(token_ids),
             "cached_tokens": cache.lookup(token_ids, lora) if cache is not None else 0,
-            "running": stats.running,
-            "waiting": stats.waiting,
+            "running": stats.running - stats.queued_for_prefill,
+            "waiting": stats.waiting + stats.queued_for_prefill,
             "kv_cache_usage": engine.kv_cache_usage,
         }
         return web.Response(body=msgspec.json.encode(body), content_type="application/json")

@@ -69,6 +69,12 @@ class SimConfig:
     the cache's changes over ZMQ as vLLM does. Prefill runs in chunks of
     ``max_num_batched_tokens`` that delay concurrent decode steps (``epp.sim.timeline``).
 
+    A decode step takes ``itl_ms`` plus ``itl_ms_per_seq`` per running sequence plus
+    ``itl_us_per_kv_token`` per token of KV they hold (decode is memory-bound: a step reads
+    the weights once and every sequence's KV). ``time_scale`` runs every duration that
+    many times faster on the wall clock; the settings stay in fleet (real GPU) time.
+    ``epp.sim.profiles`` holds these settings per GPU type.
+
     ``role`` (one of ``ROLES``) is the pod's place in a disaggregated pool. A decode or
     both pod given ``x-prefiller-host-port`` has that pod prefill first (waiting at most
     ``remote_prefill_timeout_s``, else prefilling locally) and receives the KV cache at

@@ -137,6 +137,10 @@ class EngineStats:
     in_flight: int = 0  # running + waiting
     running: int = 0
     waiting: int = 0
+    # Running (holding a batch slot) but not yet prefilling: their prefill queues behind
+    # others'. vLLM keeps such requests waiting (no token budget left for them), so
+    # /metrics reports them as waiting.
+    queued_for_prefill: int = 0
     kv_tokens: int = 0  # KV cache held by running sequences (prompt + generated so far)
     requests_finished: int = 0  # including those cut short by a client disconnect
     requests_aborted: int = 0  # the cut-short ones (vLLM's finished_reason="abort")
@@ -157,6 +161,24 @@ class _Sequence:
     lora: str | None
     running: bool = False
     admitted: asyncio.Future[None] | None = None  # set while waiting for a batch slot
+
+
+class _PrefillWait:
+    """Counts one request in ``queued_for_prefill`` until its prefill starts (or it ends)."""
+
+    __slots__ = ("_handle", "_stats", "_waiting")
+
+    def __init__(self, stats: EngineStats, loop: asyncio.AbstractEventLoop, start: float) -> None:
+        self._stats = stats
+        self._waiting = True
+        stats.queued_for_prefill += 1
+        self._handle = loop.call_at(start, self.end)
+
+    def end(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._stats.queued_for_prefill -= 1
+            self._handle.cancel()
 
 
 @dataclass(slots=True)
@@ -270,6 +292,7 @@ class Engine:
         self.stats = EngineStats()
         self._batch = _Batch(max_num_seqs, max_loras, self.stats)
         self._decoders = 0  # running requests that will decode (more than one output token)
+        self._leased_tokens = 0  # running requests' tokens in prefix-cache blocks they hold
 
     @classmethod
     def from_config(cls, config: SimConfig) -> Engine:
@@ -298,14 +321,23 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache held by running sequences, clipped to 1.0 (the sim
-        does not preempt on a full cache as vLLM would)."""
-        return min(1.0, self.stats.kv_tokens / self.kv_capacity_tokens)
+        does not preempt on a full cache as vLLM would). Prefix-cache blocks several of
+        them share count once, as in vLLM; cached blocks nobody runs on count as free."""
+        used = self.stats.kv_tokens
+        if self.prefix_cache is not None:
+            used += self.prefix_cache.referenced_blocks * self.block_size - self._leased_tokens
+        return min(1.0, max(0, used) / self.kv_capacity_tokens)
 
     def decode_step_s(self) -> float:
         """How long one decode step takes with the batch as it is now (wall clock)."""
         stats = self.stats
-        return (self._step_base_s + self._step_per_seq_s * stats.running
+        decoding = stats.running - stats.queued_for_prefill
+        return (self._step_base_s + self._step_per_seq_s * decoding
                 + self._step_per_kv_token_s * stats.kv_tokens)
+
+    def _queue_for_prefill(self, loop: asyncio.AbstractEventLoop, start: float) -> _PrefillWait:
+        """Count a request as queued until its prefill starts at ``start``."""
+        return _PrefillWait(self.stats, loop, start)
 
     def _update_step(self) -> None:
         if self._step_grows:
@@ -345,9 +377,9 @@ class Engine:
 
     def _start_prefill(
         self, completion: Completion, now: float
-    ) -> tuple[CacheLease | None, float]:
+    ) -> tuple[CacheLease | None, float, float]:
         """Look the prompt up in the prefix cache and queue its prefill (or its KV transfer);
-        returns the lease and when the prompt's KV is complete."""
+        returns the lease, when its prefill starts and when the prompt's KV is complete."""
         lease = None
         cached = 0
         cache = self.prefix_cache
@@ -366,13 +398,14 @@ class Engine:
             completion.cached_tokens = cached + transferred
             self.stats.kv_transfer_tokens += transferred
             # The tail after the transferred blocks (under a block) rides in a decode step.
-            return lease, now + transferred * self._transfer_s_per_token
+            return lease, now, now + transferred * self._transfer_s_per_token
         completion.cached_tokens = cached
         self._update_step()
         # Decode slots between the chunks only when another request will use them.
         interleave = self._decoders > (completion.completion_tokens > 1)
-        return lease, self.timeline.prefill(now, completion.prompt_tokens - cached,
-                                            interleave=interleave)
+        start, end = self.timeline.prefill_span(now, completion.prompt_tokens - cached,
+                                                interleave=interleave)
+        return lease, start, end
 
     async def generate(self, completion: Completion) -> AsyncGenerator[str, None]:
         """Wait for a batch slot, then yield the planned tokens in real time: the prompt's
@@ -387,6 +420,8 @@ class Engine:
         stats.in_flight += 1
         emitted = held = 0
         lease: CacheLease | None = None
+        queued: _PrefillWait | None = None
+        leased = 0
         decoder = False
         try:
             await self._batch.acquire(seq)
@@ -394,7 +429,12 @@ class Engine:
             self._decoders += decoder
             loop = asyncio.get_running_loop()
             timeline = self.timeline
-            lease, prefilled_at = self._start_prefill(completion, loop.time())
+            lease, prefill_start, prefilled_at = self._start_prefill(completion, loop.time())
+            if prefill_start > loop.time():
+                queued = self._queue_for_prefill(loop, prefill_start)
+            if lease is not None:
+                leased = len(lease.blocks) * self.block_size
+                self._leased_tokens += leased
             stats.prompt_tokens_total += completion.prompt_tokens
             held = completion.prompt_tokens
             stats.kv_tokens += held
@@ -418,6 +458,9 @@ class Engine:
                 yield token
         finally:
             self._decoders -= decoder
+            self._leased_tokens -= leased
+            if queued is not None:
+                queued.end()
             if lease is not None and self.prefix_cache is not None:
                 self.prefix_cache.finish(lease)
             stats.kv_tokens -= held

@@ -113,6 +113,7 @@ class PrefixCache:
         self._free: OrderedDict[bytes, _Block] = OrderedDict()  # ref == 0, LRU first
         self._cpu: OrderedDict[bytes, _Block] = OrderedDict()  # LRU first
         self._listeners: list[CacheListener] = []
+        self._referenced = 0  # GPU blocks with ref > 0
 
     def subscribe(self, listener: CacheListener) -> None:
         """Call ``listener(events)`` after every change, events in the order they happened."""
@@ -121,6 +122,12 @@ class PrefixCache:
     def unsubscribe(self, listener: CacheListener) -> None:
         """Stop calling ``listener``."""
         self._listeners.remove(listener)
+
+    @property
+    def referenced_blocks(self) -> int:
+        """GPU blocks held by running requests, each counted once however many share it
+        (what vLLM's KV usage counts; cached blocks nobody holds are free to evict)."""
+        return self._referenced
 
     @property
     def gpu_block_hashes(self) -> frozenset[bytes]:
@@ -185,6 +192,7 @@ class PrefixCache:
                 tokens = tuple(token_ids[index * size:(index + 1) * size])
                 block = _Block(hashes[index], parent, tokens, lora, ref=1)
                 self._gpu[block.hash] = block
+                self._referenced += 1
                 run.append(block)
             else:
                 break  # every block is held by running requests: the rest stays uncached
@@ -203,17 +211,20 @@ class PrefixCache:
             block.ref -= 1
             if block.ref == 0:
                 self._free[block.hash] = block
+                self._referenced -= 1
 
     def reset(self) -> None:
         """Drop every cached block on every tier (vLLM's ``reset_prefix_cache``)."""
         self._gpu.clear()
         self._free.clear()
         self._cpu.clear()
+        self._referenced = 0
         self._emit([AllBlocksCleared()])
 
     def _take(self, block: _Block) -> None:
         if block.ref == 0:
             del self._free[block.hash]
+            self._referenced += 1
         block.ref += 1
 
     def _reported(self, hit_blocks: int, prompt_tokens: int) -> int:

@@ -56,10 +56,12 @@ class MetricsPage:
         out: list[str] = []
         gauge = self._family_writer(out, "gauge")
         counter = self._family_writer(out, "counter")
+        # A request whose prefill has not started yet waits, as in vLLM's scheduler.
+        queued = stats.queued_for_prefill
         gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
-              [("", stats.running)])
+              [("", stats.running - queued)])
         gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-              [("", stats.waiting)])
+              [("", stats.waiting + queued)])
         gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
               [("", self._engine.kv_cache_usage)])
         counter("vllm:prefix_cache_queries",

@@ -65,11 +65,16 @@ class ComputeTimeline:
         work; returns when its last chunk ends (``ready`` when there is nothing to compute).
 
         ``interleave``: leave a decode step between chunks (false: no request decodes)."""
+        return self.prefill_span(ready, tokens, interleave=interleave)[1]
+
+    def prefill_span(self, ready: float, tokens: int, *,
+                     interleave: bool = True) -> tuple[float, float]:
+        """Like ``prefill``, returning when its first chunk starts and its last one ends."""
         if tokens <= 0 or not self._s_per_token:
-            return ready
+            return ready, ready
         self._forget_before(ready - HISTORY_S)
         slot = self._step_s if interleave else 0.0
-        start = max(ready, self._free_at + slot)
+        start = first = max(ready, self._free_at + slot)
         end = start
         while tokens > 0:
             chunk = min(tokens, self._chunk_tokens)
@@ -79,7 +84,7 @@ class ComputeTimeline:
             tokens -= chunk
             start = end + slot
         self._free_at = end
-        return end
+        return first, end
 
     def decode_step_end(self, start: float) -> float:
         """When a decode step begun at ``start`` yields its token: after ``step_s`` of time

@@ -131,3 +131,41 @@ async def test_prefix_lookup_reports_cache_and_load_and_changes_nothing() -> Non
         assert chat["cached_tokens"] == 0  # the chat template changes the first block
         bad = await client.post("/debug/prefix_lookup", json={"token_ids": ["x"]})
         assert bad.status == 400
+
+
+@pytest.mark.asyncio
+async def test_kv_usage_counts_shared_prefix_blocks_once() -> None:
+    config = SimConfig(tokenizer="bytes", block_size=4, kv_capacity_tokens=400, itl_ms=20)
+    engine = Engine.from_config(config)
+    prompt = tuple(range(40))  # 10 full blocks
+
+    async def run() -> None:
+        await engine.execute(engine.plan(GenerationRequest(prompt_token_ids=prompt,
+                                                           max_tokens=5)))
+
+    tasks = [asyncio.create_task(run()) for _ in range(3)]
+    await asyncio.sleep(0.03)  # all three running, one token generated each
+    assert engine.stats.running == 3
+    # 10 shared blocks (40 tokens) once, plus each sequence's 1-2 generated tokens.
+    assert 40 / 400 < engine.kv_cache_usage < 50 / 400
+    await asyncio.gather(*tasks)
+    assert engine.kv_cache_usage == 0.0
+
+
+@pytest.mark.asyncio
+async def test_requests_whose_prefill_has_not_started_count_as_waiting() -> None:
+    # 1,000 tokens/s: the first 100-token prompt prefills for 0.1 s, the second queues.
+    engine = Engine(itl_ms=1, prefill_tokens_per_s=1000)
+
+    async def run(first: int) -> None:
+        request = GenerationRequest(prompt_token_ids=tuple(range(first, first + 100)),
+                                    max_tokens=2)
+        await engine.execute(engine.plan(request))
+
+    tasks = [asyncio.create_task(run(0)), asyncio.create_task(run(1000))]
+    await asyncio.sleep(0.05)
+    assert (engine.stats.running, engine.stats.queued_for_prefill) == (2, 1)
+    await asyncio.sleep(0.1)
+    assert engine.stats.queued_for_prefill == 0
+    await asyncio.gather(*tasks)
+    assert engine.stats.queued_for_prefill == 0
