@@ -27,7 +27,7 @@ from epp.config.picker_config import load_picker_config
 from epp.datastore import Endpoint, EndpointPool, ServerMetrics
 from epp.kvcache.index import BlockIndex
 from epp.kvcache.keys import chain_keys
-from epp.kvcache.service import load_local_tokenizer
+from epp.kvcache.service import KVCacheService, load_local_tokenizer
 from epp.kvcache.types import BlockStored, KVEventBatch
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
@@ -76,7 +76,7 @@ async def run_cell(tokens: int, n_endpoints: int, requests: int, tokenizer: obje
     metrics = EppMetrics()
     cfg = load_picker_config(CONFIG, timer=metrics.observe_plugin)
     scorer = cfg.plugins["precise-prefix-cache-scorer"]
-    service = scorer.service
+    service = KVCacheService(scorer.kv_settings)
     service.tokenizer = tokenizer  # share one loaded tokenizer across cells
     index: BlockIndex = service.index
     pool = EndpointPool()
@@ -95,7 +95,7 @@ async def run_cell(tokens: int, n_endpoints: int, requests: int, tokenizer: obje
                 index.apply_batch(e.name, KVEventBatch(0.0, (BlockStored(
                     hashes, None, tuple(ids[: len(keys) * 16]), 16),)))
     director = Director(pool, cfg.scheduler, Admission({}, SaturationDetector(5, 0.8, 0.5)),
-                        metrics, producers=[scorer.producer])
+                        metrics, producers=[service.producer])
     warm, cold = [], []
     clock = time.perf_counter
     for r in range(requests):

@@ -25,7 +25,9 @@ from epp.observability.health import HealthReporter
 from epp.observability.collectors import KVEventsCollector, PoolCollector
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
+from epp.kvcache.service import KVCacheService
 from epp.requestcontrol.director import Director
+from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
 from epp.scheduling.registry import PluginDeps
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,13 @@ class App:
                                       settings.metrics_stale_after_s)
         admission = Admission(self.picker_config.objectives, detector)
         plugins = list(self.picker_config.plugins.values())
-        self.kv_services = [p.service for p in plugins if hasattr(p, "service")]
+        # The precise scorer names its settings; the runner owns the services behind it.
+        self.kv_services = [KVCacheService(p.kv_settings) for p in plugins
+                            if isinstance(p, PrecisePrefixCacheScorer)]
         self.director = Director(
             self.pool, self.picker_config.scheduler, admission, self.metrics,
-            producers=[p.producer for p in plugins if hasattr(p, "producer")],
+            producers=[*(s.producer for s in self.kv_services),
+                       *(p.producer for p in plugins if hasattr(p, "producer"))],
             pre_request=[p for p in plugins if hasattr(p, "pre_request")],
             response_complete=[p for p in plugins if hasattr(p, "response_complete")])
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)

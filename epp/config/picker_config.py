@@ -166,6 +166,11 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
             detail = str(exc).removeprefix("parameters: ")
             raise ConfigError(f"{where}.{field_name} ({p.type}): {detail}") from None
 
+    precise = [n for n, p in plugins.items() if p.type_name == "precise-prefix-cache-scorer"]
+    if len(precise) > 1:
+        # One KV index per EPP: its events, tokens and matches are shared by every profile.
+        raise ConfigError(f"{source}: plugins: at most one precise-prefix-cache-scorer "
+                          f"(got {', '.join(precise)})")
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise ConfigError(f"{source}: plugins: more than one profile handler "

@@ -20,7 +20,7 @@ def test_builtin_default_profile() -> None:
     precise = load_picker_config(kv_events=True).scheduler.profiles["default"]
     assert [(type(w.scorer), w.weight) for w in precise.scorers] == [
         (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0), (PrecisePrefixCacheScorer, 6.0)]
-    assert precise.scorers[2].scorer.service.settings.tokenizer_mode == "render"
+    assert precise.scorers[2].scorer.kv_settings.tokenizer_mode == "render"
     assert cfg.saturation.queue_depth_threshold == 5
     assert cfg.saturation.kv_cache_util_threshold == 0.8
 

@@ -16,8 +16,13 @@ import msgspec
 
 from epp.datastore import Endpoint
 from epp.kvcache.match import PrefixMatch
-from epp.kvcache.producer import DEFAULT_BLOCK_SIZE, ApproximateProducer, record_routing
-from epp.kvcache.service import DEFAULT_KV_EVENTS_PORT, KVCacheService, KVCacheSettings
+from epp.kvcache.producer import (
+    DEFAULT_BLOCK_SIZE,
+    ApproximateProducer,
+    PreciseProducer,
+    record_routing,
+)
+from epp.kvcache.service import DEFAULT_KV_EVENTS_PORT, KVCacheSettings
 from epp.scheduling.registry import PluginDeps, PluginParams
 from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingResult
 
@@ -63,15 +68,19 @@ class PreciseParams(PluginParams):
 
 
 class PrecisePrefixCacheScorer:
-    """Matched (tier-weighted) blocks / prompt blocks, from the engines' KV events."""
+    """Matched (tier-weighted) blocks / prompt blocks, from the engines' KV events.
+
+    The scorer only reads the match; the machinery that computes it (index, event
+    subscribers, tokenizer) is built by the runner from ``kv_settings``, so scheduling
+    owns no sockets or services.
+    """
 
     type_name = "precise-prefix-cache-scorer"
     Params = PreciseParams
 
-    def __init__(self, name: str, service: KVCacheService) -> None:
+    def __init__(self, name: str, kv_settings: KVCacheSettings) -> None:
         self.name = name
-        self.service = service
-        self.producer = service.producer
+        self.kv_settings = kv_settings
 
     @classmethod
     def from_config(cls, name: str, params: Any, deps: PluginDeps) -> Any:
@@ -88,10 +97,10 @@ class PrecisePrefixCacheScorer:
             tokenizer=p.tokenizer.source, kv_events_port=p.kv_events.port,
             replay_port_offset=p.kv_events.replay_port_offset, kv_events_bind=p.kv_events.bind,
             topic_filter=p.kv_events.topic_filter)
-        return cls(name, KVCacheService(settings))
+        return cls(name, settings)
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
-        return _scores(ctx.cycle.get(self.producer.name), endpoints, weighted=True)
+        return _scores(ctx.cycle.get(PreciseProducer.name), endpoints, weighted=True)
 
 
 class ApproximateParams(PluginParams):
