@@ -13,7 +13,11 @@ import uvloop
 
 from epp.config import ConfigError, EppSettings
 from epp.config import settings as defaults
-from epp.discovery.kubernetes import DiscoveryError, parse_label_selector, parse_target_ports
+from epp.discovery.kubernetes import (
+    DiscoveryError,
+    parse_label_selector,
+    parse_target_ports,
+)
 from epp.discovery.static import EndpointsFileError
 from epp.runner import build_app
 

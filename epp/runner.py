@@ -13,19 +13,19 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.config import ConfigError, EppSettings
-from epp.errors import RequestError
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
 from epp.discovery.kubernetes import KubernetesDiscovery
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
+from epp.errors import RequestError
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
-from epp.observability.health import HealthReporter
+from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, PoolCollector
+from epp.observability.health import HealthReporter
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
-from epp.kvcache.service import KVCacheService
 from epp.requestcontrol.director import Director
 from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
 from epp.scheduling.registry import PluginDeps

@@ -17,7 +17,12 @@ import yaml
 from epp.config.settings import ConfigError
 from epp.scheduling.plugins import default_registry
 from epp.scheduling.registry import PluginConfigError, PluginDeps, PluginRegistry
-from epp.scheduling.scheduler import PluginTimer, Scheduler, SchedulerProfile, WeightedScorer
+from epp.scheduling.scheduler import (
+    PluginTimer,
+    Scheduler,
+    SchedulerProfile,
+    WeightedScorer,
+)
 from epp.scheduling.types import Filter, Picker, ProfileHandler, Scorer
 
 log = logging.getLogger(__name__)

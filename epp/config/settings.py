@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from epp.datalayer import scraper
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
 
 # Ports of the endpoint-picker protocol (GIE): ext_proc, gRPC health, Prometheus.
@@ -14,13 +15,10 @@ DEFAULT_METRICS_PORT = 9090
 # In-flight streams get this long to finish on SIGTERM; Kubernetes' default
 # terminationGracePeriodSeconds is 30 s, so stay well inside it.
 DEFAULT_SHUTDOWN_GRACE_S = 15.0
-# vLLM's queue changes within a few decode steps (~10-50 ms each): poll every 100 ms.
-DEFAULT_SCRAPE_INTERVAL_S = 0.1
-# A /metrics page renders in a few ms; a second means the server is in trouble.
-DEFAULT_SCRAPE_TIMEOUT_S = 1.0
-# Five missed polls: one slow scrape must not flip a pod to "stale" (GIE's 200 ms
-# threshold does, and blocks small pools), yet a dead pod is distrusted within 0.5 s.
-DEFAULT_METRICS_STALE_AFTER_S = 0.5
+# Scrape defaults are the datalayer's (their derivations live there).
+DEFAULT_SCRAPE_INTERVAL_S = scraper.DEFAULT_SCRAPE_INTERVAL_S
+DEFAULT_SCRAPE_TIMEOUT_S = scraper.DEFAULT_SCRAPE_TIMEOUT_S
+DEFAULT_METRICS_STALE_AFTER_S = scraper.DEFAULT_STALE_AFTER_S
 
 
 class ConfigError(ValueError):

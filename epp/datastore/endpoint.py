@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from epp.datastore.metrics import EndpointState
 
 ROLE_LABEL = "llm-d.ai/role"
+# vLLM's KVEventsConfig default publisher endpoint is tcp://*:5557 (data-parallel rank r
+# publishes on 5557 + r); an endpoint without an explicit ``kv_events`` address uses it.
+DEFAULT_KV_EVENTS_PORT = 5557
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -9,7 +9,13 @@ from pathlib import Path
 import yaml
 
 from epp.devtools import envoy as envoy_cfg
-from epp.devtools.procs import Process, free_port, free_port_pair, python_module, wait_for_http
+from epp.devtools.procs import (
+    Process,
+    free_port,
+    free_port_pair,
+    python_module,
+    wait_for_http,
+)
 
 
 @dataclass

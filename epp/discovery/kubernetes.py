@@ -37,7 +37,7 @@ from kubernetes_asyncio.client import (
     CustomObjectsApi,
 )
 
-from epp.datastore import Endpoint, EndpointPool
+from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint, EndpointPool
 from epp.discovery.k8s_watch import (
     DEFAULT_BACKOFF_INITIAL_S,
     DEFAULT_BACKOFF_MAX_S,
@@ -63,8 +63,6 @@ OBJECTIVE_VERSION = "v1alpha2"
 OBJECTIVE_PLURAL = "inferenceobjectives"
 # The served model, when a pod says (annotation first: label values cannot hold "/").
 MODEL_KEY = "llm-d.ai/model"
-# vLLM's KVEventsConfig default publisher is tcp://*:5557; data-parallel rank r adds r.
-DEFAULT_KV_EVENTS_PORT = 5557
 # InferencePool v1 allows 1-8 target ports.
 MAX_TARGET_PORTS = 8
 # Answers that retrying cannot fix: fail start-up with the explanation.

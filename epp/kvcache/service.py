@@ -8,13 +8,17 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from epp.api.openai import LLMRequest
-from epp.datastore import Endpoint, EndpointPool
+from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint, EndpointPool
 from epp.kvcache.index import DEFAULT_CAPACITY_BLOCKS, BlockIndex
-from epp.kvcache.producer import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFIX_BLOCKS, PreciseProducer
+from epp.kvcache.producer import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+    PreciseProducer,
+)
 from epp.kvcache.subscriber import KVEventsManager
 from epp.kvcache.tokens import (
     LocalPromptTokenizer,
@@ -28,8 +32,6 @@ from epp.tokenization.tiktoken_qwen import TiktokenQwenTokenizer
 
 log = logging.getLogger(__name__)
 
-# vLLM's default KV-events publisher port; its replay ROUTER conventionally sits on +1.
-DEFAULT_KV_EVENTS_PORT = 5557
 BUILTIN_TOKENIZERS = ("qwen3.6",)
 # How often the index bound follows the fleet's reported KV capacity.
 CAPACITY_REFRESH_S = 5.0

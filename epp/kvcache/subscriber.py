@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from epp.datastore import Endpoint, EndpointPool, parse_address
+from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint, EndpointPool, parse_address
 from epp.kvcache.events import KVEventDecodeError, decode_batch
 from epp.kvcache.types import EventSink
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KVEventStats", "KVEventSubscriber", "KVEventsManager", "KVEventsSettings"]
 
-DEFAULT_PUB_PORT = 5557  # vLLM's KVEventsConfig default endpoint, tcp://*:5557
+DEFAULT_PUB_PORT = DEFAULT_KV_EVENTS_PORT
 DEFAULT_REPLAY_PORT_OFFSET = 1  # vLLM examples put the replay ROUTER on 5558
 # Per reply frame. A live ROUTER answers within milliseconds (it is polled between
 # publishes); vLLM's default config has no replay endpoint at all, so do not wait long.

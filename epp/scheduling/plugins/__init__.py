@@ -1,6 +1,14 @@
 """Built-in scheduling plugins (filters, scorers, pickers, profile handlers)."""
 
-from epp.scheduling.plugins import disagg, filters, handlers, lora, pickers, prefix, scorers
+from epp.scheduling.plugins import (
+    disagg,
+    filters,
+    handlers,
+    lora,
+    pickers,
+    prefix,
+    scorers,
+)
 from epp.scheduling.registry import PluginRegistry
 
 BUILTIN_PLUGINS = (

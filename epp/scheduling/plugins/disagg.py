@@ -14,7 +14,12 @@ from typing import Any, Literal
 from epp.datastore import Endpoint
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.scheduling.registry import NoParams, PluginDeps, PluginParams
-from epp.scheduling.types import HeaderChanges, ProfileResult, SchedulingContext, SchedulingResult
+from epp.scheduling.types import (
+    HeaderChanges,
+    ProfileResult,
+    SchedulingContext,
+    SchedulingResult,
+)
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from epp.datastore import Endpoint
 from epp.scheduling.plugins.scorers import FreshnessAware
 from epp.scheduling.types import SchedulingContext

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from epp.datastore import Endpoint
+from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint
 from epp.kvcache.match import PrefixMatch
 from epp.kvcache.producer import (
     DEFAULT_BLOCK_SIZE,
@@ -22,7 +22,7 @@ from epp.kvcache.producer import (
     PreciseProducer,
     record_routing,
 )
-from epp.kvcache.service import DEFAULT_KV_EVENTS_PORT, KVCacheSettings
+from epp.kvcache.service import KVCacheSettings
 from epp.scheduling.registry import PluginDeps, PluginParams
 from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingResult
 
