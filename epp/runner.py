@@ -70,7 +70,6 @@ class App:
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
                                       stale_after_s=settings.metrics_stale_after_s)
-        self.servicer = ExtProcServicer(self.director, max_body_bytes=settings.max_body_bytes)
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -114,7 +113,8 @@ class App:
 
         if s.extproc_server == "grpc":
             self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-            add_to_server(self.servicer, self._grpc)
+            servicer = ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes)
+            add_to_server(servicer, self._grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
             self.grpc_port = self._bind(self._grpc, s.grpc_port)
             await self._grpc.start()

@@ -10,7 +10,7 @@ request can be forwarded unchanged.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -82,7 +82,6 @@ class LLMRequest:
     prompt: Prompt | None
     stream: bool = False
     include_usage: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
     def prompt_chars(self) -> int:
         """Characters of prompt text (token prompts count 4 characters a token)."""
@@ -124,7 +123,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def parse_request(path: str, raw: bytes, headers: dict[str, str] | None = None) -> LLMRequest:
+def parse_request(path: str, raw: bytes) -> LLMRequest:
     """Parse a request body for routing; raises :class:`BadRequestError`."""
     body = decode_body(raw)
     model = body.get("model")
@@ -157,7 +156,6 @@ def parse_request(path: str, raw: bytes, headers: dict[str, str] | None = None) 
         prompt=prompt,
         stream=stream,
         include_usage=include_usage,
-        headers=headers if headers is not None else {},
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
@@ -21,7 +20,6 @@ class EndpointPool:
         self._by_name: dict[str, Endpoint] = {}
         self._snapshot: tuple[Endpoint, ...] = ()
         self._listeners: list[PoolListener] = []
-        self._populated = asyncio.Event()
         self._synced = False
 
     def snapshot(self) -> tuple[Endpoint, ...]:
@@ -92,16 +90,8 @@ class EndpointPool:
         self._rebuild()
         return True
 
-    async def wait_populated(self) -> None:
-        """Wait until the pool has at least one endpoint."""
-        await self._populated.wait()
-
     def _rebuild(self) -> None:
         self._snapshot = tuple(sorted(self._by_name.values(), key=lambda e: e.name))
-        if self._snapshot:
-            self._populated.set()
-        else:
-            self._populated.clear()
         self._notify()
 
     def _notify(self) -> None:

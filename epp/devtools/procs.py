@@ -37,19 +37,6 @@ def free_port_pair() -> int:
     raise OSError("no two consecutive free ports found")
 
 
-def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
-    """Block until something accepts TCP connections on ``host:port``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
-
-
 def wait_for_http(url: str, timeout: float = 20.0, expect: bytes | None = None) -> None:
     """Block until ``url`` answers 200 (and its body contains ``expect``)."""
     deadline = time.monotonic() + timeout

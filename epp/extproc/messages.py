@@ -163,7 +163,6 @@ def immediate_response(status: int, body: bytes, details: str) -> pb.ProcessingR
 # Answers that carry no change; immutable, so shared by every stream.
 EMPTY_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 EMPTY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-EMPTY_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 EMPTY_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 EMPTY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

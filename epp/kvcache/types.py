@@ -10,7 +10,7 @@ folded to their last 8 bytes big-endian so both forms compare equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -74,7 +74,6 @@ class ApplyResult:
     missing_parent: int = 0
     unknown_removed: int = 0  # BlockRemoved for hashes we never saw (harmless)
     skipped: int = 0  # events not indexed (other KV-cache groups, placeholder stores)
-    notes: list[str] = field(default_factory=list)
 
 
 class EventSink(Protocol):

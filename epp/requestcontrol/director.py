@@ -182,7 +182,7 @@ class Director:
         """Parse and admit; returns the scheduling context and candidates."""
         request = None
         if body is not None:
-            request = parse_request(headers.get(":path", "/"), body, dict(headers))
+            request = parse_request(headers.get(":path", "/"), body)
         candidates = self.candidates(subset)
         now = time.monotonic()
         priority = self.admission.priority(headers)

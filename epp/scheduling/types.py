@@ -68,13 +68,6 @@ class HeaderChanges:
     remove: list[str] = field(default_factory=list)
 
 
-class Plugin(Protocol):
-    """Every plugin: ``type_name`` is its config type, ``name`` its instance name."""
-
-    type_name: str
-    name: str
-
-
 @runtime_checkable
 class Filter(Protocol):
     """Removes candidates that must not serve the request."""
