@@ -29,12 +29,13 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Endpoint:
     """A model server endpoint as discovery reports it.
 
     ``address`` is what goes into ``x-gateway-destination-endpoint``; ``kv_events`` is the
-    ZMQ address its engine publishes KV events on, when known.
+    ZMQ address its engine publishes KV events on, when known. Equality is identity (an
+    endpoint is an entity with live state); compare specs with :meth:`same_spec`.
     """
 
     name: str
@@ -44,7 +45,7 @@ class Endpoint:
     kv_events: str | None = None
     ip: str = field(init=False)
     port: int = field(init=False)
-    state: EndpointState = field(default_factory=EndpointState, compare=False)
+    state: EndpointState = field(default_factory=EndpointState)
 
     def __post_init__(self) -> None:
         self.ip, self.port = parse_address(self.address)

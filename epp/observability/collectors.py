@@ -37,7 +37,8 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         endpoints = self._snapshot()
         now = time.monotonic()
-        fresh = [e for e in endpoints if not e.metrics_stale(now, self._stale)]
+        stale_flags = [e.metrics_stale(now, self._stale) for e in endpoints]
+        fresh = [e for e, s in zip(endpoints, stale_flags, strict=True) if not s]
         kv = GaugeMetricFamily("inference_pool_average_kv_cache_utilization",
                                "Mean KV-cache utilisation over endpoints with fresh metrics.",
                                labels=["name"])
@@ -57,8 +58,8 @@ class PoolCollector(Collector):
         inflight = GaugeMetricFamily("epp_endpoint_inflight_requests",
                                      "Requests this EPP replica has in flight per endpoint.",
                                      labels=["endpoint"])
-        for e in endpoints:
-            stale.add_metric([e.name], 0.0 if e in fresh else 1.0)
+        for e, is_stale in zip(endpoints, stale_flags, strict=True):
+            stale.add_metric([e.name], 1.0 if is_stale else 0.0)
             inflight.add_metric([e.name], e.state.load.requests)
         yield stale
         yield inflight

@@ -67,7 +67,9 @@ class HeaderBasedTestingFilter:
         if not value:
             return list(endpoints)
         wanted = [v.strip() for v in value.split(",") if v.strip()]
-        out: list[Endpoint] = []
-        for w in wanted:  # header order: the first named endpoint is the primary
-            out.extend(e for e in endpoints if (e.address == w or e.ip == w) and e not in out)
-        return out
+        out: dict[str, Endpoint] = {}  # by name: header order, each endpoint once
+        for w in wanted:  # the first named endpoint is the primary
+            for e in endpoints:
+                if (e.address == w or e.ip == w) and e.name not in out:
+                    out[e.name] = e
+        return list(out.values())
