@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Request latency buckets: 5 ms (cached short answers) to 10 min (long generations).
@@ -15,6 +18,17 @@ _ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -16.0, -1.0, 0.0, 15.0, 63.0,
                   1023.0, 4095.0)
 # Token-count buckets: powers of 2 from one token to 128k (the longest contexts served).
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSeries:
+    """The per-request series of one model, resolved once (``labels()`` is not free and
+    these are touched on every request)."""
+
+    requests: Any
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
 
 
 class EppMetrics:
@@ -71,11 +85,29 @@ class EppMetrics:
             "epp_pd_decision",
             "Prefill/decode disaggregation decisions, by type (decode-only, prefill-decode).",
             ("decision_type",), registry=r)
+        self._models: dict[str, ModelSeries] = {}
+        self._picks: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
 
     def count_pd_decision(self, decision: str) -> None:
         """The P/D handler's decision counter."""
         self.pd_decisions.labels(decision).inc()
+
+    def model(self, name: str) -> ModelSeries:
+        """The request series labelled with ``name`` (as model and target model)."""
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(
+                self.requests.labels(name, name), self.request_duration.labels(name, name),
+                self.input_tokens.labels(name, name), self.output_tokens.labels(name, name))
+        return series
+
+    def pick(self, endpoint: str) -> None:
+        """Count a primary pick of ``endpoint``."""
+        child = self._picks.get(endpoint)
+        if child is None:
+            child = self._picks[endpoint] = self.picks.labels(endpoint)
+        child.inc()
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
         """The scheduler's plugin timer (children cached: labels() is not free)."""

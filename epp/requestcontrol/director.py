@@ -94,7 +94,7 @@ class RequestHandle:
     """A routed request: its destination and what happens to its response."""
 
     __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
-                 "remove_headers", "status", "usage", "_director", "_tokens", "_start",
+                 "remove_headers", "status", "usage", "prompt_tokens", "_director", "_start",
                  "_parser", "_done")
 
     def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
@@ -107,8 +107,8 @@ class RequestHandle:
         self.remove_headers: tuple[str, ...] = tuple(remove_headers)
         self.status = 0
         self.usage: Usage | None = None
+        self.prompt_tokens = tokens  # counted as in-flight load until the stream ends
         self._director = director
-        self._tokens = tokens
         self._start = time.perf_counter()
         self._parser: UsageParser | None = None
         self._done = False
@@ -142,7 +142,7 @@ class RequestHandle:
         if self._done:
             return
         self._done = True
-        self._director.complete(self, completed, self._tokens)
+        self._director.complete(self, completed)
 
 
 class Director:
@@ -264,25 +264,24 @@ class Director:
             self._metrics.prefix_hit_ratio.labels("precise" if match.precise else "approximate"
                                                   ).observe(match.cached_tokens(primary.name)
                                                             / match.prompt_tokens)
-        model = ctx.model
-        self._metrics.requests.labels(model, model).inc()
-        self._metrics.picks.labels(primary.name).inc()
+        self._metrics.model(ctx.model).requests.inc()
+        self._metrics.pick(primary.name)
         return handle
 
-    def complete(self, handle: RequestHandle, completed: bool, tokens: int) -> None:
+    def complete(self, handle: RequestHandle, completed: bool) -> None:
         """Called once per routed request when its stream ends."""
-        handle.endpoints[0].state.load.release(tokens)
+        handle.endpoints[0].state.load.release(handle.prompt_tokens)
         model = handle.ctx.model
-        m = self._metrics
         status = handle.status
         if not completed or status >= 400 or status == 0:
             code = str(status) if status else "stream_aborted"
-            m.request_errors.labels(model, model, code).inc()
+            self._metrics.request_errors.labels(model, model, code).inc()
         else:
-            m.request_duration.labels(model, model).observe(handle.elapsed)
+            series = self._metrics.model(model)
+            series.duration.observe(handle.elapsed)
             if handle.usage is not None:
-                m.input_tokens.labels(model, model).observe(handle.usage.prompt_tokens)
-                m.output_tokens.labels(model, model).observe(handle.usage.completion_tokens)
+                series.input_tokens.observe(handle.usage.prompt_tokens)
+                series.output_tokens.observe(handle.usage.completion_tokens)
                 self._check_prediction(handle)
         for hook in self._response_complete:
             try:
