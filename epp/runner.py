@@ -27,7 +27,6 @@ from epp.observability.health import HealthReporter
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
-from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
 from epp.scheduling.registry import PluginDeps
 
 log = logging.getLogger(__name__)
@@ -56,16 +55,13 @@ class App:
         detector = SaturationDetector(sat.queue_depth_threshold, sat.kv_cache_util_threshold,
                                       settings.metrics_stale_after_s)
         admission = Admission(self.picker_config.objectives, detector)
-        plugins = list(self.picker_config.plugins.values())
+        cfg = self.picker_config
         # The precise scorer names its settings; the runner owns the services behind it.
-        self.kv_services = [KVCacheService(p.kv_settings) for p in plugins
-                            if isinstance(p, PrecisePrefixCacheScorer)]
+        self.kv_services = [KVCacheService(kv) for kv in cfg.kv_settings]
         self.director = Director(
-            self.pool, self.picker_config.scheduler, admission, self.metrics,
-            producers=[*(s.producer for s in self.kv_services),
-                       *(p.producer for p in plugins if hasattr(p, "producer"))],
-            pre_request=[p for p in plugins if hasattr(p, "pre_request")],
-            response_complete=[p for p in plugins if hasattr(p, "response_complete")])
+            self.pool, cfg.scheduler, admission, self.metrics,
+            producers=[*(s.producer for s in self.kv_services), *cfg.producers],
+            pre_request=cfg.pre_request, response_complete=cfg.response_complete)
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,

@@ -83,6 +83,10 @@ class LLMRequest:
     stream: bool = False
     include_usage: bool = False
 
+    def estimated_tokens(self) -> int:
+        """Prompt tokens before tokenization: about 4 characters a token (rounded up)."""
+        return (self.prompt_chars() + 3) // 4
+
     def prompt_chars(self) -> int:
         """Characters of prompt text (token prompts count 4 characters a token)."""
         prompt = self.prompt

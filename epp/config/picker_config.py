@@ -15,7 +15,9 @@ import msgspec
 import yaml
 
 from epp.config.settings import ConfigError
+from epp.kvcache.service import KVCacheSettings
 from epp.scheduling.plugins import default_registry
+from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
 from epp.scheduling.registry import PluginConfigError, PluginDeps, PluginRegistry
 from epp.scheduling.scheduler import (
     PluginTimer,
@@ -125,6 +127,27 @@ class PickerConfig:
     objectives: dict[str, int] = field(default_factory=dict)
     plugins: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def pre_request(self) -> list[Any]:
+        """Plugins that are pre-request hooks."""
+        return [p for p in self.plugins.values() if hasattr(p, "pre_request")]
+
+    @property
+    def response_complete(self) -> list[Any]:
+        """Plugins that are response-complete hooks."""
+        return [p for p in self.plugins.values() if hasattr(p, "response_complete")]
+
+    @property
+    def producers(self) -> list[Any]:
+        """Data producers owned by plugins (the approximate prefix scorer's)."""
+        return [p.producer for p in self.plugins.values() if hasattr(p, "producer")]
+
+    @property
+    def kv_settings(self) -> list[KVCacheSettings]:
+        """What the precise prefix scorer needs built: the KV index and its feeders."""
+        return [p.kv_settings for p in self.plugins.values()
+                if isinstance(p, PrecisePrefixCacheScorer)]
+
 
 def _spec_from_text(text: str, source: str) -> ConfigSpec:
     try:
@@ -196,12 +219,6 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         scheduler = Scheduler(profiles, handler, timer)
     except ValueError as exc:
         raise ConfigError(f"{source}: schedulingProfiles: {exc}") from None
-    # Hooks (pre-request, response-complete) work outside profiles.
-    used |= {n for n, p in plugins.items()
-             if hasattr(p, "pre_request") or hasattr(p, "response_complete")}
-    for name in plugins.keys() - used:
-        log.warning("%s: plugin %r is defined but no profile uses it", source, name)
-
     sat = spec.saturation_detector or SaturationSpec()
     if sat.queue_depth_threshold < 1:
         raise ConfigError(f"{source}: saturationDetector.queueDepthThreshold must be >= 1")
@@ -212,12 +229,17 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         if obj.name in objectives:
             raise ConfigError(f"{source}: objectives[{i}].name: duplicate {obj.name!r}")
         objectives[obj.name] = obj.priority
-    return PickerConfig(
+    compiled = PickerConfig(
         scheduler=scheduler,
         saturation=SaturationSettings(sat.queue_depth_threshold, sat.kv_cache_util_threshold),
         objectives=objectives,
         plugins=plugins,
     )
+    # Hooks (pre-request, response-complete) work outside profiles.
+    used |= {p.name for p in (*compiled.pre_request, *compiled.response_complete)}
+    for name in plugins.keys() - used:
+        log.warning("%s: plugin %r is defined but no profile uses it", source, name)
+    return compiled
 
 
 def _compile_profile(prof: ProfileSpec, plugins: dict[str, Any], registry: PluginRegistry,

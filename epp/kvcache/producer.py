@@ -144,7 +144,7 @@ class ApproximateProducer:
         for e in candidates:
             n = self.history.match(keys, e.name)
             matches[e.name] = EndpointMatch(n, n)
-        tokens_estimate = (request.prompt_chars() + 3) // 4
+        tokens_estimate = request.estimated_tokens()
         return PrefixMatch(False, tokens_estimate, self.block_size, len(keys), matches,
                            keys=tuple(keys))
 

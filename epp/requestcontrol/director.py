@@ -83,13 +83,6 @@ def _subset_ips(subset: Sequence[str]) -> set[str]:
     return ips
 
 
-def estimate_prompt_tokens(request: LLMRequest | None) -> int:
-    """Prompt tokens before tokenization is available: about 4 characters a token."""
-    if request is None:
-        return 0
-    return (request.prompt_chars() + 3) // 4
-
-
 class RequestHandle:
     """A routed request: its destination and what happens to its response."""
 
@@ -249,8 +242,10 @@ class Director:
             raise UnschedulableError("no endpoint can serve this request")
         remove = tuple(h for h in CONTROL_HEADERS if h in headers)
         match = ctx.cycle.get(PREFIX_MATCH_KEY)
-        tokens = match.prompt_tokens if match is not None else estimate_prompt_tokens(
-            ctx.request)
+        if match is not None:
+            tokens = match.prompt_tokens
+        else:
+            tokens = ctx.request.estimated_tokens() if ctx.request is not None else 0
         handle = RequestHandle(self, ctx, result, remove, tokens)
         if self._pre_request:
             changes = HeaderChanges()

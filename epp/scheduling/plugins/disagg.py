@@ -128,7 +128,7 @@ class PDProfileHandler:
         if match is not None:
             uncached = match.uncached_tokens(decode_pod.name)
         else:
-            uncached = (ctx.request.prompt_chars() + 3) // 4
+            uncached = ctx.request.estimated_tokens()
         return uncached >= self.params.non_cached_tokens
 
     def _count(self, decision: str) -> None:
