@@ -219,6 +219,16 @@ def start_subscriber(ctx: zmq.asyncio.Context, started: list[KVEventSubscriber],
     return sub
 
 
+async def subscribed(ctx: zmq.asyncio.Context, started: list[KVEventSubscriber],
+                     engine: Any, sink: RecordingSink | None = None
+                     ) -> tuple[RecordingSink, KVEventSubscriber]:
+    """A subscriber to ``engine``, connected (the engine has seen its subscription)."""
+    sink = sink if sink is not None else RecordingSink()
+    sub = start_subscriber(ctx, started, endpoint_for(engine.port), sink)
+    await engine.wait_subscribed()
+    return sink, sub
+
+
 # --- addresses (no traffic)
 
 
@@ -262,9 +272,7 @@ def test_settings_are_validated() -> None:
 async def test_live_batches_arrive_in_order(ctx: zmq.asyncio.Context, engines: EngineFactory,
                                             subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     for ts in range(10):
         await engine.publish(ts)
     await eventually(lambda: len(sink.log) == 10, "10 batches")
@@ -279,9 +287,7 @@ async def test_gap_is_replayed_in_order_exactly_once(
         ctx: zmq.asyncio.Context, engines: EngineFactory,
         subscribers: list[KVEventSubscriber], with_topic: bool) -> None:
     engine = engines(replay_with_topic=with_topic)
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     await engine.publish(0)
     await engine.publish(1)
     await engine.publish(2, send=False)
@@ -304,9 +310,7 @@ async def test_first_message_replays_history_from_zero(
     engine = engines()
     for ts in range(3):  # published before anyone listened
         await engine.publish(ts)
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     await engine.publish(3)
     await eventually(lambda: len(sink.log) >= 4, "history and batch 3")
     await engine.publish(4)
@@ -321,9 +325,7 @@ async def test_sequence_going_back_clears_then_replays(
         ctx: zmq.asyncio.Context, engines: EngineFactory,
         subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     for ts in range(3):
         await engine.publish(ts)
     await eventually(lambda: len(sink.log) == 3, "batches 0-2")
@@ -387,9 +389,7 @@ async def test_garbage_is_counted_and_the_loop_continues(
         ctx: zmq.asyncio.Context, engines: EngineFactory,
         subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     await engine.publish(0)
     await engine.send_raw([engine.topic, b"\x00\x01", payload(9)])  # short sequence
     await engine.send_raw([engine.topic, (1).to_bytes(8, "big")])  # two frames
@@ -416,9 +416,7 @@ async def test_a_failing_sink_is_counted_and_the_loop_continues(
         ctx: zmq.asyncio.Context, engines: EngineFactory,
         subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = FailingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine, FailingSink())
     for ts in range(3):
         await engine.publish(ts)
     await eventually(lambda: len(sink.log) == 2, "batches 0 and 2")
@@ -460,9 +458,7 @@ async def test_a_long_replay_yields_to_the_event_loop() -> None:
 async def test_unknown_events_are_counted(ctx: zmq.asyncio.Context, engines: EngineFactory,
                                           subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     await engine.publish(0, raw=msgspec.msgpack.encode(
         [7.0, [["Future", 1], ["AllBlocksCleared"], ["Future", 2]], 0]))
     await eventually(lambda: len(sink.log) == 1, "batch")
@@ -540,9 +536,7 @@ async def test_topic_filter_ignores_other_publishers_topics(
         ctx: zmq.asyncio.Context, engines: EngineFactory,
         subscribers: list[KVEventSubscriber]) -> None:
     engine = engines()
-    sink = RecordingSink()
-    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink)
-    await engine.wait_subscribed()
+    sink, sub = await subscribed(ctx, subscribers, engine)
     await engine.send_raw([b"kv@127.0.0.1:9999@m", (0).to_bytes(8, "big"), payload(50)])
     await engine.publish(0)
     await eventually(lambda: len(sink.log) == 1, "batch 0")
