@@ -13,16 +13,12 @@ from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES, Director, ProtocolStream
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-
-
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     """Runs one :class:`ProtocolStream` per Envoy stream (one stream per HTTP request)."""
 
     def __init__(self, director: Director, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._director = director
         self._max_body = max_body_bytes
-        self.active_streams = 0
 
     async def Process(  # noqa: N802 (gRPC method name)
         self,
@@ -31,13 +27,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[msg.ProcessingResponse]:
         """Answer Envoy's messages for one HTTP request, in order."""
         stream = ProtocolStream(self._director, max_body_bytes=self._max_body)
-        self.active_streams += 1
         try:
             async for request in request_iterator:
                 for response in await stream.handle(request):
                     yield response
         finally:
-            self.active_streams -= 1
             stream.close()
 
 
