@@ -19,7 +19,7 @@ from epp.kvcache.producer import (
     DEFAULT_MAX_PREFIX_BLOCKS,
     PreciseProducer,
 )
-from epp.kvcache.subscriber import KVEventsManager
+from epp.kvcache.manager import KVEventsManager
 from epp.kvcache.tokens import (
     LocalPromptTokenizer,
     PromptTokenizer,

@@ -22,7 +22,12 @@ class _Stats(Protocol):
     restarts: int
     unknown_events: int
     dropped: int
+    bad_replay_frames: int
+    unknown_topics: int
     missing_parent: int
+    subscriber_restarts: int
+
+    def failure_counts(self) -> Mapping[str, int]: ...
 
 
 class PoolCollector(Collector):
@@ -76,11 +81,17 @@ _KV_COUNTERS = (
     ("unknown_events", "epp_kv_events_unknown", "Events of unknown types, skipped."),
     ("missing_parent", "epp_kv_events_missing_parent",
      "Batches with blocks whose parent was never seen (resolved by replay)."),
+    ("subscriber_restarts", "epp_kv_event_subscriber_restarts",
+     "KV-event receive loops restarted after a refused address or a crash."),
 )
 
 
 class KVEventsCollector(Collector):
-    """Per-endpoint KV-event counters and the index size."""
+    """Per-endpoint KV-event counters, failures by reason, and the index size.
+
+    Series follow the stats mapping: an endpoint that leaves the pool (and so the
+    mapping) leaves the output at the next scrape.
+    """
 
     def __init__(self, stats: Callable[[], Mapping[str, Any]],
                  index_blocks: Callable[[], int]) -> None:
@@ -98,7 +109,17 @@ class KVEventsCollector(Collector):
             "epp_kv_events_dropped", "Messages dropped: undecodable payloads, wrong frames, "
             "bad sequences, unknown topics.", labels=["endpoint"])
         for endpoint, s in stats.items():
-            dropped.add_metric([endpoint], s.decode_errors + s.dropped)
+            dropped.add_metric([endpoint], s.decode_errors + s.dropped + s.bad_replay_frames
+                               + s.unknown_topics)
         yield dropped
+        failures = CounterMetricFamily(
+            "epp_kv_event_failures", "KV-event failures by reason (decode_error, "
+            "unknown_event, bad_frame, bad_replay_frame, unknown_topic, gap, lost, "
+            "replay_timeout, sequence_jump, sink_error, connect_error, crash).",
+            labels=["endpoint", "reason"])
+        for endpoint, s in stats.items():
+            for reason, count in s.failure_counts().items():
+                failures.add_metric([endpoint, reason], count)
+        yield failures
         yield GaugeMetricFamily("epp_kv_index_blocks", "Distinct blocks in the KV index.",
                                 value=self._blocks())

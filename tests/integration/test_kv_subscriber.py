@@ -20,13 +20,10 @@ import zmq
 import zmq.asyncio
 
 from epp.datastore import Endpoint, EndpointPool
-from epp.kvcache import subscriber as subscriber_module
-from epp.kvcache.subscriber import (
-    KVEventsManager,
-    KVEventsSettings,
-    KVEventStats,
-    KVEventSubscriber,
-)
+from epp.kvcache.event_settings import KVEventsSettings
+from epp.kvcache.manager import KVEventsManager
+from epp.kvcache.stream import EventStream, KVEventStats
+from epp.kvcache.subscriber import KVEventSubscriber
 from epp.kvcache.types import ApplyResult, KVEventBatch
 
 pytestmark = pytest.mark.integration
@@ -298,7 +295,7 @@ async def test_gap_is_replayed_in_order_exactly_once(
     await engine.publish(6)  # the stream goes on after the replay
     await eventually(lambda: len(sink.log) >= 7, "batch 6")
     assert sink.of("pod-a") == [0, 1, 2, 3, 4, 5, 6]
-    assert engine.replay_requests == [2]
+    assert engine.replay_requests == [1]  # from the last applied batch: it is compared
     assert (sub.stats.gaps, sub.stats.replays, sub.stats.lost) == (1, 1, 0)
     assert sub.stats.applied == 7
 
@@ -358,8 +355,8 @@ async def test_missing_parent_triggers_one_resync_per_interval(
     await eventually(lambda: len(sink.log) >= 9, "batches 3-5")
     assert sink.of("pod-a") == [0, 1, 2, 0, 1, 2, 3, 4, 5]
     assert engine.replay_requests == [0]
-    assert sub.stats.missing_parent == 3  # live 2, replayed 2, live 4
-    assert sub.stats.replays == 1
+    assert sub.stats.missing_parent == 2  # live 2 and 4; the resync's 2 is not recounted
+    assert (sub.stats.replays, sub.stats.resyncs, sub.stats.applied) == (1, 1, 6)
 
 
 @pytest.mark.asyncio
@@ -421,7 +418,8 @@ async def test_a_failing_sink_is_counted_and_the_loop_continues(
         await engine.publish(ts)
     await eventually(lambda: len(sink.log) == 2, "batches 0 and 2")
     assert sink.of("pod-a") == [0, 2]
-    assert (sub.stats.errors, sub.stats.applied, sub.stats.replays) == (1, 2, 0)
+    assert (sub.stats.sink_errors, sub.stats.applied, sub.stats.replays) == (1, 2, 0)
+    assert (sub.stats.crashes, sub.stats.subscriber_restarts) == (0, 0)
 
 
 @pytest.mark.asyncio
@@ -435,8 +433,7 @@ async def test_a_long_replay_yields_to_the_event_loop() -> None:
             yield seq, payload(seq)
 
     sink = RecordingSink()
-    stream = subscriber_module._Stream("pod-a", sink, KVEventStats(), KVEventsSettings(),
-                                       fetch, subscriber_module._LogLimiter())
+    stream = EventStream("pod-a", sink, KVEventStats(), KVEventsSettings(), fetch)
     seen: list[int] = []
     done = False
 
