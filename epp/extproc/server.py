@@ -9,9 +9,15 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.extproc import messages as msg
-from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES, Director, ProtocolStream
+from epp.extproc.stream import (
+    DEFAULT_MAX_BODY_BYTES,
+    Director,
+    ProtocolError,
+    ProtocolStream,
+)
 
 log = logging.getLogger(__name__)
+
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     """Runs one :class:`ProtocolStream` per Envoy stream (one stream per HTTP request)."""
@@ -29,10 +35,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream = ProtocolStream(self._director, max_body_bytes=self._max_body)
         try:
             async for request in request_iterator:
-                for response in await stream.handle(request):
+                try:
+                    responses = await stream.handle(request)
+                except ProtocolError as exc:
+                    # A proxy that breaks the protocol fails its own stream, no traceback.
+                    log.warning("ext_proc stream: %s", exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                for response in responses:
                     yield response
         finally:
-            stream.close()
+            stream.close()  # any ending, a reset included: settle the request once
 
 
 def add_to_server(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:

@@ -69,7 +69,14 @@ class Phase(enum.Enum):
 
 
 class ProtocolError(Exception):
-    """Envoy sent something the protocol does not allow at this point."""
+    """Envoy sent something the protocol does not allow at this point. Raised out of
+    :meth:`ProtocolStream.handle` / :meth:`ProtocolStream.handle_now` (after the
+    request's state is released) so the transport fails this gRPC stream with
+    ``INVALID_ARGUMENT``, as the upstream EPP does; never a client's fault."""
+
+
+class StreamClosedError(Exception):
+    """Routing finished after the stream was closed; there is nobody to answer."""
 
 
 def _details(text: str) -> str:
@@ -99,6 +106,7 @@ class ProtocolStream:
         self._body_len = 0
         self._routed: RoutedRequest | None = None
         self._completed = False
+        self._closed = False  # the gRPC stream is gone: nothing routed may outlive it
 
     @property
     def routed(self) -> RoutedRequest | None:
@@ -139,6 +147,11 @@ class ProtocolStream:
             return [*out, msg.EMPTY_REQUEST_TRAILERS]
         except RequestError as exc:
             return [self._refuse(exc)]
+        except ProtocolError:
+            self._abandon()
+            raise
+        except StreamClosedError:
+            return []
         except Exception:
             log.exception("ext_proc stream failed in phase %s", self.phase.value)
             return [self._refuse(RequestError("internal error in the endpoint picker"))]
@@ -168,19 +181,41 @@ class ProtocolStream:
             raise ProtocolError(f"unexpected message {kind!r}")
         except RequestError as exc:
             return [self._refuse(exc)]
+        except ProtocolError:
+            self._abandon()
+            raise
         except Exception:
             log.exception("ext_proc stream failed in phase %s", self.phase.value)
             return [self._refuse(RequestError("internal error in the endpoint picker"))]
 
     def close(self) -> None:
-        """The gRPC stream ended (normally or not): release the request's state."""
+        """The gRPC stream ended (normally or not): release the request's state. A
+        routing step still running when this is called releases what it took as soon
+        as it returns (see :meth:`_route`)."""
+        self._closed = True
         self._finish(completed=self._completed)
+
+    def refuse(self, error: RequestError) -> msg.ProcessingResponse:
+        """End the request with an immediate response (a transport-level refusal)."""
+        return self._refuse(error)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request body bytes held until the body is complete."""
+        return self._body_len if self.phase is Phase.REQUEST_BODY else 0
+
+    def _abandon(self) -> None:
+        """A protocol violation ends the stream: settle the request once."""
+        if self._routed is None and self.phase is not Phase.CLOSED:
+            self._director.on_rejected(self._headers, RequestError("ext_proc protocol error"))
+        self._finish(completed=False)
+        self.phase = Phase.CLOSED
 
     # -- request path ---------------------------------------------------------------
 
     def _accept_request_headers(self, request: msg.ProcessingRequest) -> None:
         if self.phase is not Phase.REQUEST_HEADERS:
-            raise ProtocolError("request headers received twice")
+            raise ProtocolError(f"request headers received in phase {self.phase.value}")
         if request.HasField("protocol_config"):
             cfg = request.protocol_config
             self._request_mode = cfg.request_body_mode
@@ -226,6 +261,10 @@ class ProtocolStream:
 
     async def _route(self, body: bytes | None) -> RoutedRequest:
         routed = await self._director.route(self._headers, body, self._subset)
+        if self._closed:
+            # The stream was reset while routing ran: release the load just taken.
+            routed.on_done(False)
+            raise StreamClosedError("the ext_proc stream closed while routing")
         self._routed = routed
         return routed
 

@@ -266,10 +266,12 @@ class Director:
     def complete(self, handle: RequestHandle, completed: bool) -> None:
         """Called once per routed request when its stream ends."""
         handle.endpoints[0].state.load.release(handle.prompt_tokens)
+        handle.endpoints[0].report_response(handle.status)  # 503: gateway could not reach it
         model = handle.ctx.model
         status = handle.status
         if not completed or status >= 400 or status == 0:
-            code = str(status) if status else "stream_aborted"
+            # A stream cut mid-response is an abort, whatever status had arrived.
+            code = str(status) if completed and status else "stream_aborted"
             self._metrics.request_errors.labels(model, model, code).inc()
         else:
             series = self._metrics.model(model)
