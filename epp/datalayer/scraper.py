@@ -3,7 +3,9 @@
 One asyncio task per endpoint, started and stopped by a pool listener as endpoints come
 and go, all sharing one keep-alive ``aiohttp.ClientSession``. A slow or dead pod only
 delays its own task. A failed scrape keeps the last good metrics (they age into staleness,
-see ``MetricsScraper.is_stale``) and records a short reason in ``state.scrape_error``.
+see ``MetricsScraper.is_stale``) and records a short reason in ``state.scrape_error``. A
+refused connection also marks the endpoint unreachable (out of the candidate set); the
+next successful scrape brings it back.
 
 Pages are parsed inline on the event loop: ``parse_metrics`` takes about 50 µs for a
 56 KB vLLM page (``benchmarks/scrape.py``); a round trip through a worker thread costs
@@ -205,9 +207,13 @@ class MetricsScraper:
         deadline = loop.time()
         failing_since: float | None = None
         while True:
+            was_unreachable = state.unreachable
             reason = await self._scrape(url, state)
             if reason is None:
                 self.stats.succeeded += 1
+                if was_unreachable is not None:
+                    log.info("%s (%s) answered a scrape: routable again (was: %s)",
+                             name, address, was_unreachable)
                 if failing_since is not None:
                     log.info("metrics of %s (%s) recovered after %.1f s",
                              name, address, loop.time() - failing_since)
@@ -239,7 +245,12 @@ class MetricsScraper:
             return f"timed out after {self._timeout_s:g} s"
         except aiohttp.ClientConnectorError as exc:
             # errno gives "Connection refused"; asyncio's own text repeats the address.
-            return f"cannot connect: {os.strerror(exc.errno) if exc.errno else exc}"
+            reason = f"cannot connect: {os.strerror(exc.errno) if exc.errno else exc}"
+            # Nothing listens there (a killed pod refuses at once): out of the candidate
+            # set now, not after staleness. A timeout is not such evidence: a busy server
+            # stalls too, and staleness already discounts its metrics.
+            state.report_unreachable(reason)
+            return reason
         except aiohttp.ClientError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except MetricsParseError as exc:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 
 from epp.datastore.metrics import EndpointState
 
+log = logging.getLogger(__name__)
+
 ROLE_LABEL = "llm-d.ai/role"
+# What a gateway answers when it cannot reach the endpoint it was told to use: Envoy's
+# local reply for a refused connection or a reset before response headers is 503
+# ("upstream connect error or disconnect/reset before headers"). A model server's own
+# 503 (overloaded, shutting down) is also a reason to look elsewhere; either way the
+# next successful scrape (one interval later) restores the endpoint.
+UPSTREAM_UNREACHABLE_STATUS = 503
 # vLLM's KVEventsConfig default publisher endpoint is tcp://*:5557 (data-parallel rank r
 # publishes on 5557 + r); an endpoint without an explicit ``kv_events`` address uses it.
 DEFAULT_KV_EVENTS_PORT = 5557
@@ -59,6 +68,16 @@ class Endpoint:
         """Whether the last successful scrape is older than ``max_age`` seconds."""
         scraped = self.state.metrics.scraped_at
         return scraped == 0.0 or now - scraped > max_age
+
+    def report_response(self, status: int) -> None:
+        """The gateway's response status for a request routed here (0: none came).
+        ``UPSTREAM_UNREACHABLE_STATUS`` takes the endpoint out of the candidate set until
+        it answers a scrape again."""
+        if status == UPSTREAM_UNREACHABLE_STATUS and self.state.report_unreachable(
+                f"gateway answered {status} for a request routed here"):
+            log.warning("endpoint %s (%s) unreachable: the gateway answered %d; routing "
+                        "around it until it answers a metrics scrape", self.name,
+                        self.address, status)
 
     def same_spec(self, other: Endpoint) -> bool:
         """Whether discovery would describe both the same way."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -46,14 +47,32 @@ class EndpointLoad:
 
 @dataclass(slots=True)
 class EndpointState:
-    """Mutable state attached to an endpoint; survives discovery re-listing it."""
+    """Mutable state attached to an endpoint; survives discovery re-listing it.
+
+    ``unreachable`` is the health verdict scheduling reads: a reason while there is
+    evidence the server is gone (its port refuses connections, or the gateway could not
+    reach it), ``None`` otherwise. Only a successful scrape clears it, so a pod that died
+    stays out until it answers again, and a false alarm lasts one scrape interval.
+    """
 
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     load: EndpointLoad = field(default_factory=EndpointLoad)
     scrape_error: str | None = None
+    unreachable: str | None = None
+    unreachable_since: float = 0.0  # time.monotonic() of the first evidence
 
     def update_metrics(self, metrics: ServerMetrics) -> None:
-        """A fresh scrape: it now reflects what was routed before it."""
+        """A fresh scrape: it now reflects what was routed before it, and the server
+        answered, so it is reachable."""
         self.metrics = metrics
         self.load.since_scrape = 0
         self.scrape_error = None
+        self.unreachable = None
+
+    def report_unreachable(self, reason: str, now: float | None = None) -> bool:
+        """Evidence that the server is gone; returns whether this changed the verdict."""
+        if self.unreachable is not None:
+            return False
+        self.unreachable = reason
+        self.unreachable_since = time.monotonic() if now is None else now
+        return True

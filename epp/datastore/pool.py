@@ -21,6 +21,8 @@ class EndpointPool:
         self._snapshot: tuple[Endpoint, ...] = ()
         self._listeners: list[PoolListener] = []
         self._synced = False
+        self._failing_open = False  # every candidate unreachable (logged once per episode)
+        self.fail_opens = 0  # scheduling cycles that fell back to unreachable endpoints
 
     def snapshot(self) -> tuple[Endpoint, ...]:
         """The current endpoints (do not mutate)."""
@@ -29,6 +31,26 @@ class EndpointPool:
     def get(self, name: str) -> Endpoint | None:
         """The endpoint called ``name``, if present."""
         return self._by_name.get(name)
+
+    def routable(self, candidates: tuple[Endpoint, ...]) -> tuple[tuple[Endpoint, ...], bool]:
+        """``candidates`` without the endpoints judged unreachable, and whether it failed
+        open: when every candidate is unreachable all of them are returned (a guess
+        beats refusing every request while, say, a scrape path is broken)."""
+        kept = candidates  # the usual case: nothing to drop, no copy
+        if any(e.state.unreachable is not None for e in candidates):
+            kept = tuple(e for e in candidates if e.state.unreachable is None)
+        if kept:
+            if self._failing_open:
+                self._failing_open = False
+                log.info("endpoints are reachable again; routing only to reachable ones")
+            return kept, False
+        self.fail_opens += 1
+        if not self._failing_open:
+            self._failing_open = True
+            log.warning("all %d candidate endpoints are unreachable (%s); routing to them "
+                        "anyway instead of failing every request", len(candidates),
+                        "; ".join(f"{e.name}: {e.state.unreachable}" for e in candidates[:4]))
+        return candidates, True
 
     def __len__(self) -> int:
         return len(self._snapshot)

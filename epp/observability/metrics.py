@@ -88,6 +88,15 @@ class EppMetrics:
         self._models: dict[str, ModelSeries] = {}
         self._picks: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
+        self.unreachable_fail_open = Counter(
+            "epp_unreachable_fail_open",
+            "Scheduling cycles in which every candidate endpoint was unreachable, so all "
+            "were kept (fail open) instead of refusing the request.", registry=r)
+        self.prefix_degraded = Counter(
+            "epp_prefix_match_degraded",
+            "Requests routed without the precise prefix match, by reason (deadline: the "
+            "prefix step ran out of time; error: a producer raised; unavailable: a "
+            "producer had no result, e.g. no tokens).", ("reason",), registry=r)
 
     def count_pd_decision(self, decision: str) -> None:
         """The P/D handler's decision counter."""

@@ -7,6 +7,7 @@ returns a :class:`RequestHandle` that carries the destination and follows the re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -30,12 +31,23 @@ CONTROL_HEADERS = (
     "x-gateway-inference-fairness-id",
     "x-gateway-model-name-rewrite",
 )
+# Budget of the whole prefix step (tokenize, hash, look up) per request. A render call to
+# a healthy pod answers in ~2-10 ms and a slow one is hedged after 20 ms, so a hedged
+# answer lands by ~30 ms; 100 ms leaves 3x that for a busy API server's event loop and
+# caps what a wedged tokenizer source can add to every request at a quarter of the Go
+# picker's 400 ms data-producer cap. Past it the request is routed on what is known
+# (the approximate match, or none), and the cycle records why.
+PREFIX_DEADLINE_S = 0.1
+# Cycle-state key of the reason a request was routed without its precise prefix match.
+PREFIX_DEGRADED_KEY = "prefix-degraded"
 
 
 class EndpointSource(Protocol):
     """Where candidates come from (the datastore's pool)."""
 
     def snapshot(self) -> tuple[Endpoint, ...]: ...
+
+    def routable(self, candidates: tuple[Endpoint, ...]) -> tuple[tuple[Endpoint, ...], bool]: ...
 
 
 class Scheduler(Protocol):
@@ -156,7 +168,8 @@ class Director:
         self._e2e = metrics.scheduler_e2e
 
     def candidates(self, subset: Sequence[str] | None) -> tuple[Endpoint, ...]:
-        """The pool, restricted to the proxy's subset hint; raises 503 when empty."""
+        """The pool, restricted to the proxy's subset hint and to reachable endpoints
+        (all of them when none is: fail open); raises 503 when empty."""
         candidates = self._pool.snapshot()
         if not candidates:
             raise NoEndpointsError("no model server endpoints are available")
@@ -168,6 +181,9 @@ class Director:
                     f"none of the {len(subset)} endpoint(s) in the proxy's subset hint "
                     "is in the pool"
                 )
+        candidates, failed_open = self._pool.routable(candidates)
+        if failed_open:
+            self._metrics.unreachable_fail_open.inc()
         return candidates
 
     def prepare(self, headers: Mapping[str, str], body: bytes | None,
@@ -182,20 +198,57 @@ class Director:
         self.admission.admit(priority, candidates, now)
         return SchedulingContext(request, headers, now, priority), candidates
 
-    async def _produce(self, ctx: SchedulingContext, candidates: Sequence[Endpoint]) -> None:
+    async def _produce(self, ctx: SchedulingContext, candidates: Sequence[Endpoint], *,
+                       count: bool = True) -> None:
+        """Run the data producers within ``PREFIX_DEADLINE_S`` in all. A producer that runs
+        out of time, raises or has no result is skipped; if that costs the request its
+        precise match, the reason goes into the cycle state (for ``explain``) and, when
+        ``count``, into a metric and a log line with the request id."""
+        if not self._producers:
+            return
+        deadline = asyncio.get_running_loop().time() + PREFIX_DEADLINE_S
+        lost: str | None = None
         for producer in self._producers:
-            match = await producer.produce(ctx.request, candidates)
-            if match is not None:
-                ctx.cycle[producer.name] = match
-                if match.precise or PREFIX_MATCH_KEY not in ctx.cycle:
-                    ctx.cycle[PREFIX_MATCH_KEY] = match
+            # A producer that never suspends (the approximate one) finishes even after
+            # the deadline: the timeout only cancels at an await.
+            budget = asyncio.timeout_at(deadline)
+            try:
+                async with budget:
+                    match = await producer.produce(ctx.request, candidates)
+            except Exception as exc:
+                if budget.expired():
+                    lost = "deadline"
+                else:
+                    lost = "error"
+                    log.warning("prefix producer %s failed: %s: %s", producer.name,
+                                type(exc).__name__, exc, exc_info=True)
+                continue
+            if match is None:
+                if ctx.request is not None and ctx.request.prompt is not None:
+                    lost = lost or "unavailable"
+                continue
+            ctx.cycle[producer.name] = match
+            if match.precise or PREFIX_MATCH_KEY not in ctx.cycle:
+                ctx.cycle[PREFIX_MATCH_KEY] = match
+        if lost is None:
+            return
+        match = ctx.cycle.get(PREFIX_MATCH_KEY)
+        if match is not None and match.precise:
+            return  # another producer supplied the precise match
+        fallback = "none" if match is None else "approximate"
+        ctx.cycle[PREFIX_DEGRADED_KEY] = {"reason": lost, "fallback": fallback}
+        if count:
+            self._metrics.prefix_degraded.labels(lost).inc()
+            log.warning("request %s: routed without the precise prefix match (%s; using %s)",
+                        ctx.headers.get("x-request-id", "-"), lost,
+                        "the approximate match" if match is not None else "no prefix match")
 
     async def explain(self, headers: Mapping[str, str], body: bytes | None
                       ) -> dict[str, Any]:
         """Everything the director would decide for a request, without routing it: no
         in-flight accounting, no hooks, no metrics. Raises :class:`RequestError`."""
         ctx, candidates = self.prepare(headers, body, None)
-        await self._produce(ctx, candidates)
+        await self._produce(ctx, candidates, count=False)
         try:
             result = self.scheduler.schedule(ctx, candidates, explain=True)
             primary, error = result.primary, None
@@ -208,6 +261,10 @@ class Director:
             "priority": ctx.priority,
             "candidates": [{"name": e.name, "address": e.address, "role": e.role}
                            for e in candidates],
+            # Left out of the candidates: reason each was judged unreachable.
+            "unreachable": {e.name: e.state.unreachable for e in self._pool.snapshot()
+                            if e.state.unreachable is not None},
+            "prefix_degraded": ctx.cycle.get(PREFIX_DEGRADED_KEY),
             "prefix_match": None if match is None else {
                 "precise": match.precise, "prompt_tokens": match.prompt_tokens,
                 "block_size": match.block_size, "prompt_blocks": match.total_blocks,
