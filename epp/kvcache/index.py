@@ -6,6 +6,8 @@ Layout, chosen for memory and for O(blocks) prefix lookups over all endpoints at
   and bit ``2s + 1`` (CPU and other offload tiers).
 - per endpoint, engine hash -> block key: how ``BlockRemoved`` (which names vLLM's hashes)
   finds our key, and the endpoint's reverse set, so clearing one pod is O(its blocks).
+  Every entry names a key the endpoint holds in ``_holders``: capacity eviction goes
+  through these maps, so they are bounded by the index's capacity too.
 
 Longest-prefix lookup walks the request's keys once, AND-ing the bitmasks: every
 endpoint's match length falls out of one pass, however many endpoints there are.
@@ -13,6 +15,7 @@ endpoint's match length falls out of one pass, however many endpoints there are.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 # block that is 31,250 blocks per pod; 64 pods -> 2M blocks. Engines report evictions, so
 # the bound only matters when removal events are lost.
 DEFAULT_CAPACITY_BLOCKS = 2_000_000
+# Capacity eviction frees this fraction of the capacity beyond the overflow, so the
+# search for the endpoint to evict from runs once per 1/64 of capacity stored, not once
+# per stored block; 1/64 keeps at least 98 % of the capacity in use.
+EVICTION_HEADROOM_DIVISOR = 64
 # Offloaded blocks are worth less than GPU-resident ones: loading them back costs time.
 GPU_WEIGHT = 1.0
 CPU_WEIGHT = 0.8
@@ -143,13 +150,18 @@ class BlockIndex:
         holders = self._holders
         by_engine = eb.by_engine_hash
         for engine_hash, key in zip(ev.block_hashes, keys):
+            previous = by_engine.get(engine_hash)
+            if previous is not None and previous != key:
+                # The engine reuses a hash for other tokens (it restarted unseen): the
+                # old key must not stay held with no entry that could ever remove it.
+                self._release(previous, eb.slot)
             by_engine[engine_hash] = key
             old = holders.get(key)
             # Reuse the endpoint's bit object for blocks only it holds: ~28 B saved each.
             holders[key] = bit if old is None or old == bit else old | bit
         result.stored += len(keys)
         if len(holders) > self.capacity_blocks:
-            self._evict(len(holders) - self.capacity_blocks)
+            self._evict()
 
     def _removed(self, eb: _EndpointBlocks, ev: BlockRemoved, result: ApplyResult) -> None:
         if ev.group_idx != 0:
@@ -195,15 +207,45 @@ class BlockIndex:
         self._clear(eb)
         self._free_slots.append(eb.slot)
 
-    def _evict(self, count: int) -> None:
-        # Oldest-inserted first: dicts keep insertion order. Engine maps keep their entries
-        # (bounded by the engines' own caches); a removal for an evicted key is a no-op.
+    def _release(self, key: int, slot: int) -> bool:
+        """Take both tiers' bits of ``slot`` off ``key``; drop the key when no one holds
+        it (then True)."""
         holders = self._holders
-        victims = []
-        for key in holders:
-            victims.append(key)
-            if len(victims) >= count:
-                break
+        mask = holders.get(key)
+        if mask is None:
+            return False
+        mask &= ~(0b11 << (2 * slot))
+        if mask:
+            holders[key] = mask
+            return False
+        del holders[key]
+        return True
+
+    def _evict(self) -> None:
+        """Shrink to the capacity (less headroom) by evicting the oldest entries of the
+        endpoint that holds the most: its engine-hash entries go with its bits, so no
+        map keeps entries for blocks the index no longer holds."""
+        holders = self._holders
+        target = self.capacity_blocks - self.capacity_blocks // EVICTION_HEADROOM_DIVISOR
+        while len(holders) > target:
+            largest = max(self._endpoints.values(), key=lambda e: len(e.by_engine_hash),
+                          default=None)
+            if largest is None or not largest.by_engine_hash:
+                self._evict_unowned(len(holders) - target)
+                return
+            by_engine = largest.by_engine_hash
+            # At most the overflow from one endpoint before looking again: several
+            # endpoints holding the same blocks share the eviction.
+            count = min(len(holders) - target, len(by_engine))
+            for engine_hash, key in list(itertools.islice(by_engine.items(), count)):
+                del by_engine[engine_hash]
+                self.evicted_by_capacity += self._release(key, largest.slot)
+
+    def _evict_unowned(self, count: int) -> None:
+        # Keys no endpoint entry names (none are expected: every store writes an entry
+        # and every overwrite releases the old key); oldest-inserted first.
+        holders = self._holders
+        victims = list(itertools.islice(holders, count))
         for key in victims:
             del holders[key]
         self.evicted_by_capacity += len(victims)

@@ -125,3 +125,58 @@ def test_other_kv_groups_and_placeholder_stores_are_skipped() -> None:
         BlockStored((2,), None, (), 0),
         BlockRemoved((1,), group_idx=1)))
     assert r.skipped == 3 and len(idx) == 0
+
+
+def chain_of(n: int, start: int) -> list[BlockStored]:
+    """``n`` one-block stores chained on the engine's own hashes, tokens unique to it."""
+    events = []
+    for i in range(n):
+        h = start + i
+        events.append(BlockStored((h,), h - 1 if i else None,
+                                  tuple(range(h * BS, (h + 1) * BS)), BS))
+    return events
+
+
+def test_engine_hash_maps_stay_bounded_by_the_capacity() -> None:
+    # Feeding far more blocks than the capacity used to leave every engine-hash entry
+    # behind (only the block keys were evicted): memory grew with events, not capacity.
+    capacity = 2048
+    idx = BlockIndex(model="m", capacity_blocks=capacity)
+    for start in range(0, 50_000, 500):  # each pod stores its own 500-block chains
+        for pod in ("a", "b"):
+            base = 1 + start + (0 if pod == "a" else 10_000_000)
+            idx.apply_batch(pod, batch(*chain_of(500, base)))
+    assert len(idx) <= capacity
+    assert idx.blocks_of("a") + idx.blocks_of("b") <= capacity
+    assert idx.blocks_of("a") > capacity // 4 and idx.blocks_of("b") > capacity // 4
+    assert idx.evicted_by_capacity == 2 * 50_000 - len(idx)
+    # What stayed is the newest: the last chain of each pod still matches in full.
+    last = chain_of(500, 1 + 49_500)
+    tokens = [t for ev in last for t in ev.token_ids]
+    assert idx.match(request_keys(idx, tokens), ["a"])["a"].blocks == 500
+    # A removal for an evicted block finds no entry: it was evicted with its key.
+    r = idx.apply_batch("a", batch(BlockRemoved((1,))))
+    assert (r.unknown_removed, r.removed) == (1, 0)
+
+
+def test_eviction_of_a_shared_block_takes_every_holders_entry() -> None:
+    idx = BlockIndex(model="m", capacity_blocks=4)
+    for pod in ("a", "b"):
+        idx.apply_batch(pod, batch(*chain_of(4, 1)))
+    idx.apply_batch("a", batch(*chain_of(2, 100)))  # two more: the oldest shared ones go
+    assert len(idx) == 4
+    assert idx.blocks_of("a") + idx.blocks_of("b") <= 2 * 4
+    keys = request_keys(idx, [t for ev in chain_of(4, 1) for t in ev.token_ids])
+    got = idx.match(keys, ["a", "b"])
+    assert got["a"].blocks == got["b"].blocks == 0  # block 0 went from both pods
+
+
+def test_an_engine_hash_stored_again_for_other_tokens_releases_the_old_block() -> None:
+    idx = BlockIndex(model="m")
+    idx.apply_batch("a", batch(stored([1, 2], None, TOKENS[:8])))
+    idx.apply_batch("a", batch(stored([1, 2], None, TOKENS[8:16])))  # same hashes
+    assert len(idx) == 2 and idx.blocks_of("a") == 2
+    assert idx.match(request_keys(idx, TOKENS[:8]), ["a"])["a"].blocks == 0
+    assert idx.match(request_keys(idx, TOKENS[8:16]), ["a"])["a"].blocks == 2
+    idx.apply_batch("a", batch(BlockRemoved((1, 2))))
+    assert len(idx) == 0  # nothing left that no removal could reach
