@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -151,14 +154,73 @@ class LocalPromptTokenizer:
         return out
 
 
-class RenderPromptTokenizer:
-    """Asks a candidate pod's vLLM render endpoint for the prompt's token ids."""
+# A render call to a healthy pod: vLLM applies the chat template and tokenizes in its API
+# server (~1-5 ms for a few thousand tokens) plus an in-cluster round trip; 20 ms is
+# several times that, so the hedge fires for a stalled pod, not for a busy one, and
+# bounds what one stalled pod adds to a request at ~20 ms plus the second answer.
+RENDER_HEDGE_DELAY_S = 0.02
+# Bound of one render call for callers without their own deadline (the director caps the
+# whole prefix step far below it); a 128k-token prompt renders in well under a second.
+RENDER_TIMEOUT_S = 2.0
+# Recent latency per pod is an EWMA; 0.3 follows a change within ~3 calls.
+RENDER_LATENCY_ALPHA = 0.3
+# A failed call, or a first choice that lost to its hedge, counts as this much latency:
+# it ranks the pod behind any pod that answers (healthy ones sit at a few ms).
+RENDER_FAILURE_PENALTY_S = 1.0
+# Remembered latency halves every 2 s without new calls, so a penalised pod is tried
+# again after ~16 s (1 s halved 8 times is ~4 ms, a healthy pod's level); if it is
+# still stalled that costs one request one hedge delay.
+RENDER_LATENCY_HALF_LIFE_S = 2.0
 
-    def __init__(self, session_factory: Any = aiohttp.ClientSession, timeout_s: float = 2.0
-                 ) -> None:
+
+@dataclass(slots=True)
+class RenderStats:
+    """Render outcomes since start (for tests and benchmarks)."""
+
+    calls: int = 0  # HTTP calls started (hedges included)
+    hedges: int = 0  # second calls started because the first was slow or failed
+    hedge_wins: int = 0  # requests the second call answered
+    failures: int = 0  # calls that failed (HTTP error, refused, timeout, bad body)
+    skipped_unreachable: int = 0  # candidates passed over as unreachable
+
+
+@dataclass(slots=True)
+class _Latency:
+    value: float
+    at: float  # time.monotonic() of the last sample
+
+
+class _RenderFailure(Exception):
+    """One render call failed; the message names the pod and why."""
+
+
+def _retrieve(task: asyncio.Task[list[int]]) -> None:
+    """Done-callback of abandoned calls: consume their outcome so nothing is reported."""
+    if not task.cancelled():
+        task.exception()
+
+
+class RenderPromptTokenizer:
+    """Asks candidate pods' vLLM render endpoints for the prompt's token ids.
+
+    The first choice is the better of two random reachable candidates by recent latency
+    (so calls spread over the pool instead of piling on the first pods by name, and a
+    slow or failing pod is passed over); if it has not answered within
+    ``hedge_delay_s`` (or failed), the best other pod is asked too. The first answer
+    wins and the other call is cancelled. Pods judged unreachable are skipped.
+    """
+
+    def __init__(self, session_factory: Any = aiohttp.ClientSession,
+                 timeout_s: float = RENDER_TIMEOUT_S, *,
+                 hedge_delay_s: float = RENDER_HEDGE_DELAY_S, seed: int | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._factory = session_factory
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._hedge_delay_s = hedge_delay_s
+        self._latency: dict[str, _Latency] = {}  # by address; pruned to the candidates
+        self._rng = random.Random(seed)
+        self._abandoned: set[asyncio.Task[list[int]]] = set()  # cancelled, not yet done
+        self.stats = RenderStats()
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -166,28 +228,138 @@ class RenderPromptTokenizer:
             await self._session.close()
             self._session = None
 
+    def latency(self, endpoint: Endpoint, now: float | None = None) -> float:
+        """The pod's remembered render latency in seconds (decayed; 0 when unknown), plus
+        the failure penalty while its metrics cannot be scraped (a wedged server)."""
+        value = self._remembered(endpoint.address, time.monotonic() if now is None else now)
+        if endpoint.state.scrape_error is not None:
+            value += RENDER_FAILURE_PENALTY_S
+        return value
+
+    def _remembered(self, address: str, now: float) -> float:
+        entry = self._latency.get(address)
+        if entry is None:
+            return 0.0
+        return entry.value * 0.5 ** (max(now - entry.at, 0.0) / RENDER_LATENCY_HALF_LIFE_S)
+
+    def choose(self, candidates: Sequence[Endpoint]) -> tuple[Endpoint | None, Endpoint | None]:
+        """The first pod to ask and the one to hedge with (either may be None)."""
+        usable = [e for e in candidates if e.state.unreachable is None]
+        self.stats.skipped_unreachable += len(candidates) - len(usable)
+        if not usable:  # all unreachable: the scheduler fails open, so try them anyway
+            usable = list(candidates)
+        if len(usable) < 2:
+            return (usable[0] if usable else None), None
+        now = time.monotonic()
+        a, b = self._rng.sample(usable, 2)
+        first = a if self.latency(a, now) <= self.latency(b, now) else b
+        rnd = self._rng.random
+        hedge = min((e for e in usable if e is not first),
+                    key=lambda e: (self.latency(e, now), rnd()))
+        return first, hedge
+
+    def _observe(self, endpoint: Endpoint, seconds: float, candidates: Sequence[Endpoint]
+                 ) -> None:
+        now = time.monotonic()
+        entry = self._latency.get(endpoint.address)
+        if entry is None:
+            self._latency[endpoint.address] = _Latency(seconds, now)
+            if len(self._latency) > 2 * len(candidates) + 16:  # departed pods
+                keep = {e.address for e in candidates}
+                self._latency = {a: v for a, v in self._latency.items() if a in keep}
+            return
+        current = self._remembered(endpoint.address, now)
+        entry.value = current + RENDER_LATENCY_ALPHA * (seconds - current)
+        entry.at = now
+
     async def tokens(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> list[int]:
-        """Token ids from the first candidate that answers."""
+        """Token ids from the first pod that answers (hedged, see the class docstring)."""
         given = _token_prompt(request)
         if given is not None:
             return given
+        first, hedge = self.choose(candidates)
+        if first is None:
+            raise TokenizationError("render failed: no candidates")
         if self._session is None:
             self._session = self._factory()
         path = request.path.split("?", 1)[0].rstrip("/") + "/render"
-        last_error = "no candidates"
-        for endpoint in candidates[:2]:  # a second try, then give up: routing must not wait
-            try:
-                async with self._session.post(f"http://{endpoint.address}{path}",
-                                              data=request.raw_body,
-                                              headers={"content-type": "application/json"},
-                                              timeout=self._timeout) as resp:
-                    if resp.status != 200:
-                        last_error = f"{endpoint.address}: HTTP {resp.status}"
-                        continue
-                    return parse_render_response(await resp.json(content_type=None))
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                last_error = f"{endpoint.address}: {type(exc).__name__} {exc}"
-        raise TokenizationError(f"render failed: {last_error}")
+        return await self._hedged(first, hedge, path, request.raw_body, candidates)
+
+    async def _hedged(self, first: Endpoint, hedge: Endpoint | None, path: str, body: bytes,
+                      candidates: Sequence[Endpoint]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        pending: dict[asyncio.Task[list[int]], tuple[Endpoint, float]] = {}
+
+        def start(endpoint: Endpoint) -> None:
+            self.stats.calls += 1
+            task = loop.create_task(self._call(endpoint, path, body, candidates))
+            pending[task] = (endpoint, loop.time())
+
+        start(first)
+        errors: list[str] = []
+        hedged = hedge is None
+        try:
+            while pending:
+                wait = None if hedged else self._hedge_delay_s
+                done, _ = await asyncio.wait(pending, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    endpoint, _started = pending.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        if endpoint is not first:
+                            self.stats.hedge_wins += 1
+                            if pending:  # the first choice is stalled: rank it last
+                                self._observe(first, RENDER_FAILURE_PENALTY_S, candidates)
+                        return task.result()
+                    errors.append(str(exc))
+                if not hedged and (not done or not pending):
+                    # The first choice is slow (or failed): ask the next best pod too.
+                    assert hedge is not None
+                    hedged = True
+                    self.stats.hedges += 1
+                    start(hedge)
+        except asyncio.CancelledError:
+            # The caller gave up (the prefix deadline): calls stalled past the hedge
+            # delay are evidence against their pods.
+            now = loop.time()
+            for endpoint, started in pending.values():
+                if now - started >= self._hedge_delay_s:
+                    self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+            raise
+        finally:
+            for task in pending:  # the loser (or all, on cancellation)
+                task.cancel()
+                task.add_done_callback(_retrieve)
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
+        raise TokenizationError(f"render failed: {'; '.join(errors)}")
+
+    async def _call(self, endpoint: Endpoint, path: str, body: bytes,
+                    candidates: Sequence[Endpoint]) -> list[int]:
+        session = self._session
+        assert session is not None
+        started = time.monotonic()
+        try:
+            async with session.post(f"http://{endpoint.address}{path}", data=body,
+                                    headers={"content-type": "application/json"},
+                                    timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    if resp.status >= 500:  # the pod's fault, not the request's
+                        self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+                    raise _RenderFailure(f"{endpoint.address}: HTTP {resp.status}")
+                ids = parse_render_response(await resp.json(content_type=None))
+        except _RenderFailure:
+            self.stats.failures += 1
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.stats.failures += 1
+            self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+            if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens there
+                endpoint.state.report_unreachable(f"render: cannot connect: {exc}")
+            raise _RenderFailure(f"{endpoint.address}: {type(exc).__name__} {exc}") from None
+        self._observe(endpoint, time.monotonic() - started, candidates)
+        return ids
 
 
 def parse_render_response(obj: Any) -> list[int]:
