@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
@@ -61,7 +62,8 @@ class App:
         self.director = Director(
             self.pool, cfg.scheduler, admission, self.metrics,
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
-            pre_request=cfg.pre_request, response_complete=cfg.response_complete)
+            pre_request=cfg.pre_request, response_complete=cfg.response_complete,
+            allow_test_header=settings.enable_test_endpoint_selection)
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
@@ -73,6 +75,7 @@ class App:
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
+        self._endpoint_names: set[str] = set()
         self._stopped = asyncio.Event()
 
     def _build_discovery(self, admission: Admission) -> StaticDiscovery | KubernetesDiscovery:
@@ -147,7 +150,10 @@ class App:
         return int(sockets[0].getsockname()[1])
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        # Collect on the loop (collectors read live state the loop mutates), render the
+        # text in a thread: formatting is most of the cost and would stall routing.
+        families = list(self.metrics.registry.collect())
+        body = await asyncio.to_thread(generate_latest, _Collected(families))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _explain_handler(self, request: web.Request) -> web.Response:
@@ -165,6 +171,11 @@ class App:
     def _on_pool_change(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.metrics.ready_pods.labels(self.settings.pool_label).set(len(endpoints))
         self.health.set_ready(bool(endpoints) and self.pool.synced)
+        names = {e.name for e in endpoints}
+        for gone in self._endpoint_names - names:
+            self.metrics.forget_endpoint(gone)
+        self._endpoint_names = names
+        self.metrics.serve_models({e.model for e in endpoints if e.model})
 
     async def stop(self) -> None:
         """Graceful stop: report NOT_SERVING, let in-flight streams finish (bounded)."""
@@ -186,6 +197,16 @@ class App:
     async def wait_stopped(self) -> None:
         """Wait until :meth:`stop` completes."""
         await self._stopped.wait()
+
+
+class _Collected:
+    """Metric families already collected, in the shape ``generate_latest`` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerConfig:

@@ -18,6 +18,14 @@ _ERROR_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -16.0, -1.0, 0.0, 15.0, 63.0,
                   1023.0, 4095.0)
 # Token-count buckets: powers of 2 from one token to 128k (the longest contexts served).
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
+# Distinct model names given their own series. The ``model`` of a request is chosen by
+# the client, so names get a series only once the pool is known to serve them (declared
+# by discovery, or answered with a 2xx); a pool serves a few base models and at most a
+# few dozen LoRA adapters, so 200 leaves room for both while capping a hostile client
+# at ~200 x 45 samples. Everything else shares one series.
+MAX_MODEL_LABELS = 200
+# The label value of requests for models that have no series of their own.
+OTHER_MODEL = "__other__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,7 @@ class EppMetrics:
             "Prefill/decode disaggregation decisions, by type (decode-only, prefill-decode).",
             ("decision_type",), registry=r)
         self._models: dict[str, ModelSeries] = {}
+        self._served: set[str] = set()  # model names with series of their own
         self._picks: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
         self.unreachable_fail_open = Counter(
@@ -102,14 +111,45 @@ class EppMetrics:
         """The P/D handler's decision counter."""
         self.pd_decisions.labels(decision).inc()
 
+    def model_label(self, name: str) -> str:
+        """The label value for requests naming ``name``: itself when the pool serves it,
+        else :data:`OTHER_MODEL`."""
+        return name if name in self._served else OTHER_MODEL
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` has series of its own."""
+        return name in self._served
+
     def model(self, name: str) -> ModelSeries:
-        """The request series labelled with ``name`` (as model and target model)."""
+        """The request series of ``name`` (as model and target model); names the pool is
+        not known to serve share the :data:`OTHER_MODEL` series."""
         series = self._models.get(name)
         if series is None:
-            series = self._models[name] = ModelSeries(
-                self.requests.labels(name, name), self.request_duration.labels(name, name),
-                self.input_tokens.labels(name, name), self.output_tokens.labels(name, name))
+            label = self.model_label(name)
+            series = self._models.get(label)
+            if series is None:
+                series = ModelSeries(
+                    self.requests.labels(label, label),
+                    self.request_duration.labels(label, label),
+                    self.input_tokens.labels(label, label),
+                    self.output_tokens.labels(label, label))
+                self._models[label] = series
         return series
+
+    def serve_models(self, names: set[str]) -> None:
+        """Models that discovery says the pool serves get series of their own."""
+        for name in names - self._served:
+            self.confirm_model(name)
+
+    def confirm_model(self, name: str) -> None:
+        """A model the pool served (a 2xx answer): give it series, within the cap."""
+        if name and name not in self._served and len(self._served) < MAX_MODEL_LABELS:
+            self._served.add(name)
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """A pod left the pool: drop its labelled series."""
+        if self._picks.pop(endpoint, None) is not None:
+            self.picks.remove(endpoint)
 
     def pick(self, endpoint: str) -> None:
         """Count a primary pick of ``endpoint``."""

@@ -25,12 +25,25 @@ from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingRes
 
 log = logging.getLogger(__name__)
 
-# Gateway control headers: they steer the EPP and must not reach model servers.
+# Headers a client could send to steer the data plane. The EPP reads some of them
+# (objective, fairness id, rewrite); none may reach a model server as the client wrote
+# it: the routing sidecar posts the prompt to whatever ``x-prefiller-host-port`` names,
+# and the destination/subset names are ours to set. Stripped from every request; a
+# pre-request hook (P/D) may set ``x-prefiller-host-port`` afresh, and the destination
+# header is always overwritten.
 CONTROL_HEADERS = (
     "x-gateway-inference-objective",
     "x-gateway-inference-fairness-id",
     "x-gateway-model-name-rewrite",
+    "x-llm-d-inference-objective",
+    "x-llm-d-inference-fairness-id",
+    "x-llm-d-model-name-rewrite",
+    "x-prefiller-host-port",
+    "x-gateway-destination-endpoint-subset",
+    "x-gateway-destination-endpoint-served",
 )
+# The conformance suite's header that forces a pick; stripped unless that test mode is on.
+TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
 # Budget of the whole prefix step (tokenize, hash, look up) per request. A render call to
 # a healthy pod answers in ~2-10 ms and a slow one is hedged after 20 ms, so a hedged
 # answer lands by ~30 ms; 100 ms leaves 3x that for a busy API server's event loop and
@@ -100,7 +113,7 @@ class RequestHandle:
 
     __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
                  "remove_headers", "status", "usage", "prompt_tokens", "_director", "_start",
-                 "_parser", "_done")
+                 "_parser", "_done", "counted")
 
     def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
                  remove_headers: Sequence[str], tokens: int) -> None:
@@ -117,6 +130,7 @@ class RequestHandle:
         self._start = time.perf_counter()
         self._parser: UsageParser | None = None
         self._done = False
+        self.counted = False  # in the request counter yet (see Director.route)
 
     @property
     def request(self) -> LLMRequest | None:
@@ -157,8 +171,11 @@ class Director:
     def __init__(self, pool: EndpointSource, scheduler: Scheduler, admission: Admission,
                  metrics: EppMetrics, *, producers: Sequence[DataProducer] = (),
                  pre_request: Sequence[PreRequest] = (),
-                 response_complete: Sequence[ResponseComplete] = ()) -> None:
+                 response_complete: Sequence[ResponseComplete] = (),
+                 allow_test_header: bool = False) -> None:
         self._pool = pool
+        self._strip = CONTROL_HEADERS if allow_test_header else (
+            *CONTROL_HEADERS, TEST_SELECTION_HEADER)
         self.scheduler = scheduler
         self.admission = admission
         self._metrics = metrics
@@ -297,7 +314,7 @@ class Director:
         self._e2e.observe(time.perf_counter() - t0)
         if not result.endpoints:
             raise UnschedulableError("no endpoint can serve this request")
-        remove = tuple(h for h in CONTROL_HEADERS if h in headers)
+        remove = tuple(h for h in self._strip if h in headers)
         match = ctx.cycle.get(PREFIX_MATCH_KEY)
         if match is not None:
             tokens = match.prompt_tokens
@@ -309,14 +326,18 @@ class Director:
             for hook in self._pre_request:
                 hook.pre_request(ctx, result, changes)
             handle.set_headers.update(changes.set)
-            handle.remove_headers += tuple(h for h in changes.remove if h not in changes.set)
+            # What a hook sets replaces the client's value; removing it too would drop it.
+            handle.remove_headers = tuple(
+                h for h in (*handle.remove_headers, *changes.remove) if h not in changes.set)
         primary = result.endpoints[0]
         primary.state.load.add(tokens)
         if match is not None and match.prompt_tokens:
             self._metrics.prefix_hit_ratio.labels("precise" if match.precise else "approximate"
                                                   ).observe(match.cached_tokens(primary.name)
                                                             / match.prompt_tokens)
-        self._metrics.model(ctx.model).requests.inc()
+        if self._metrics.serves(ctx.model):
+            self._metrics.model(ctx.model).requests.inc()
+            handle.counted = True  # else counted at completion, once its label is known
         self._metrics.pick(primary.name)
         return handle
 
@@ -329,14 +350,18 @@ class Director:
         if not completed or status >= 400 or status == 0:
             # A stream cut mid-response is an abort, whatever status had arrived.
             code = str(status) if completed and status else "stream_aborted"
-            self._metrics.request_errors.labels(model, model, code).inc()
+            label = self._metrics.model_label(model)
+            self._metrics.request_errors.labels(label, label, code).inc()
         else:
+            self._metrics.confirm_model(model)  # a pod served it: it earns its own series
             series = self._metrics.model(model)
             series.duration.observe(handle.elapsed)
             if handle.usage is not None:
                 series.input_tokens.observe(handle.usage.prompt_tokens)
                 series.output_tokens.observe(handle.usage.completion_tokens)
                 self._check_prediction(handle)
+        if not handle.counted:
+            self._metrics.model(model).requests.inc()
         for hook in self._response_complete:
             try:
                 hook.response_complete(handle.ctx, handle.result, status, handle.usage)

@@ -14,7 +14,7 @@ from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
 from epp.extproc.stream import ProtocolStream
-from epp.observability.metrics import EppMetrics
+from epp.observability.metrics import MAX_MODEL_LABELS, OTHER_MODEL, EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
 from epp.scheduling.types import ProfileResult, SchedulingContext, SchedulingResult
@@ -240,10 +240,43 @@ async def test_aborted_stream_counts_an_error_once() -> None:
     await stream.handle(fe.request_body(COMPLETION))
     stream.close()
     stream.close()
+    # "m" was never served (no 2xx, not declared by discovery): the shared label.
     value = metrics.registry.get_sample_value(
         "inference_objective_request_error_total",
-        {"model_name": "m", "target_model_name": "m", "error_code": "stream_aborted"})
+        {"model_name": OTHER_MODEL, "target_model_name": OTHER_MODEL,
+         "error_code": "stream_aborted"})
     assert value == 1
+
+
+async def _exchange(director: Director, model: str, status: int) -> None:
+    stream = ProtocolStream(director)
+    body = json.dumps({"model": model, "prompt": "hi"}).encode()
+    for req in [fe.request_headers(), fe.request_body(body), fe.response_headers(status),
+                fe.response_body(b"{}", True)]:
+        await stream.handle(req)
+    stream.close()
+
+
+def _model_labels(metrics: EppMetrics) -> set[str]:
+    return {s.labels["model_name"] for m in metrics.registry.collect()
+            if m.name.startswith("inference_objective") for s in m.samples}
+
+
+@pytest.mark.asyncio
+async def test_client_chosen_model_names_cannot_grow_the_metric_series() -> None:
+    director, metrics = make_director(1, 1)
+    for i in range(2000):  # names the pool does not serve: the engine answers 404
+        await _exchange(director, f"bogus-{i}", 404)
+    assert _model_labels(metrics) == {OTHER_MODEL}
+    await _exchange(director, "m", 200)  # a served model earns its series on a 2xx ...
+    await _exchange(director, "m", 200)
+    assert _model_labels(metrics) == {OTHER_MODEL, "m"}
+    # ... and every one of its requests is counted under it, the first one included.
+    assert metrics.registry.get_sample_value(
+        "inference_objective_request_total", {"model_name": "m", "target_model_name": "m"}) == 2
+    for i in range(MAX_MODEL_LABELS + 50):  # even served names are capped
+        await _exchange(director, f"lora-{i}", 200)
+    assert len(_model_labels(metrics)) == MAX_MODEL_LABELS + 1
 
 
 @pytest.mark.asyncio
@@ -258,3 +291,55 @@ async def test_director_exception_becomes_500() -> None:
     await stream.handle(fe.request_headers())
     out = await stream.handle(fe.request_body(COMPLETION))
     assert [summarize(r) for r in out] == [("immediate", 500, 500)]
+
+
+STEERING = {
+    "x-prefiller-host-port": "10.9.9.9:8000",
+    "x-gateway-destination-endpoint-subset": "10.9.9.9:8000",
+    "x-gateway-destination-endpoint-served": "10.9.9.9:8000",
+    "x-gateway-inference-objective": "critical",
+    "x-llm-d-inference-objective": "critical",
+    "x-gateway-inference-fairness-id": "tenant",
+    "x-llm-d-inference-fairness-id": "tenant",
+    "x-gateway-model-name-rewrite": "other",
+    "x-llm-d-model-name-rewrite": "other",
+    "test-epp-endpoint-selection": "10.9.9.9:8000",
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("allow_test_header", [False, True])
+async def test_every_steering_header_is_stripped(allow_test_header: bool) -> None:
+    pool = EndpointPool()
+    pool.upsert(Endpoint("e", "10.0.0.1:8000"))
+    director = Director(pool, FirstN(1), admission(), EppMetrics(),
+                        allow_test_header=allow_test_header)
+    stream = ProtocolStream(director)
+    await stream.handle(fe.request_headers(extra=STEERING))
+    out = await stream.handle(fe.request_body(COMPLETION))
+    mutation = out[0].request_headers.response.header_mutation
+    removed = set(mutation.remove_headers)
+    expected = set(STEERING) - ({"test-epp-endpoint-selection"} if allow_test_header else set())
+    assert expected <= removed
+    sets = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+    assert sets["x-gateway-destination-endpoint"] == "10.0.0.1:8000"
+
+
+@pytest.mark.asyncio
+async def test_a_prefiller_set_by_the_epp_replaces_the_clients() -> None:
+    class SetPrefiller:
+        name = "pd"
+
+        def pre_request(self, ctx: Any, result: Any, headers: Any) -> None:
+            headers.set["x-prefiller-host-port"] = "10.0.0.2:8000"
+
+    pool = EndpointPool()
+    pool.upsert(Endpoint("e", "10.0.0.1:8000"))
+    director = Director(pool, FirstN(1), admission(), EppMetrics(), pre_request=[SetPrefiller()])
+    stream = ProtocolStream(director)
+    await stream.handle(fe.request_headers(extra={"x-prefiller-host-port": "6.6.6.6:1"}))
+    out = await stream.handle(fe.request_body(COMPLETION))
+    mutation = out[0].request_headers.response.header_mutation
+    assert "x-prefiller-host-port" not in mutation.remove_headers
+    sets = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+    assert sets["x-prefiller-host-port"] == "10.0.0.2:8000"

@@ -79,6 +79,7 @@ async def start_rig(kind: str, gated: bool = False, **h2_options: Any
     endpoint = Endpoint("a", "10.0.0.1:8000")
     pool.upsert(endpoint)
     metrics = EppMetrics()
+    metrics.serve_models({"m"})
     gate = Gate()
     if not gated:
         gate.closed = True
