@@ -82,7 +82,7 @@ class LogLimiter:
         if held:
             msg += " (%d similar suppressed)"
             args = (*args, held)
-        self._log.warning(msg, *args, exc_info=exc_info)
+        self._log.warning(msg, *args, exc_info=exc_info, stacklevel=2)
 
 
 async def supervise(run: Callable[[], Awaitable[None]], backoff: Backoff,

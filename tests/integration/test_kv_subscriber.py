@@ -9,6 +9,7 @@ the replay buffer without sending it: a lost message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -20,11 +21,16 @@ import zmq
 import zmq.asyncio
 
 from epp.datastore import Endpoint, EndpointPool
+from epp.kvcache import stream as stream_module
 from epp.kvcache.event_settings import KVEventsSettings
-from epp.kvcache.manager import KVEventsManager
+from epp.kvcache.events import decode_batch
+from epp.kvcache.index import BlockIndex
+from epp.kvcache.keys import chain_keys
+from epp.kvcache.manager import UNMATCHED, KVEventsManager
 from epp.kvcache.stream import EventStream, KVEventStats
 from epp.kvcache.subscriber import KVEventSubscriber
-from epp.kvcache.types import ApplyResult, KVEventBatch
+from epp.kvcache.types import ApplyResult, EventSink, KVEventBatch
+from epp.observability.collectors import KVEventsCollector
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +69,8 @@ class FakeEngine:
 
     def __init__(self, ctx: zmq.asyncio.Context, topic: str, *, pub_port: int | None = None,
                  replay: bool = True, connect: str | None = None,
-                 replay_with_topic: bool = False, buffer_steps: int = 10_000) -> None:
+                 replay_with_topic: bool = False, buffer_steps: int = 10_000,
+                 verbose: bool = False) -> None:
         self.topic = topic.encode()
         self.seq = 0
         self.buffer: list[tuple[int, bytes]] = []
@@ -73,6 +80,9 @@ class FakeEngine:
         self.subscriptions: asyncio.Queue[bytes] = asyncio.Queue()
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.linger = 0
+        # Report repeated subscriptions too: a connecting PUB keeps its pipe across a
+        # reconnect, so a re-created SUB's subscription is otherwise filtered out.
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, int(verbose))
         self.router: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         try:
@@ -208,7 +218,7 @@ def endpoint_for(engine_port: int, name: str = "pod-a",
 
 
 def start_subscriber(ctx: zmq.asyncio.Context, started: list[KVEventSubscriber],
-                     endpoint: Endpoint, sink: RecordingSink, **settings: Any
+                     endpoint: Endpoint, sink: EventSink, **settings: Any
                      ) -> KVEventSubscriber:
     sub = KVEventSubscriber(endpoint, sink, context=ctx, settings=KVEventsSettings(**settings))
     started.append(sub)
@@ -677,3 +687,190 @@ async def test_stop_during_a_replay_closes_everything(
     await asyncio.wait_for(sub.stop(), 2.0)
     assert not sub.running
     assert sink.log == []
+
+
+# --- supervision: a receive loop that dies is logged, counted and restarted
+
+FAST_RESTART: dict[str, Any] = {"restart_backoff": 0.01, "restart_backoff_max": 0.05}
+
+
+def fail_once_on(monkeypatch: pytest.MonkeyPatch, ts: float) -> list[float]:
+    """Make decoding raise an unexpected error (a decoder bug) once, on batch ``ts``."""
+    failed: list[float] = []
+
+    def faulty(data: bytes) -> KVEventBatch:
+        batch = decode_batch(data)
+        if batch.ts == ts and not failed:
+            failed.append(ts)
+            raise RuntimeError("decoder bug")
+        return batch
+
+    monkeypatch.setattr(stream_module, "decode_batch", faulty)
+    return failed
+
+
+@pytest.mark.asyncio
+async def test_a_crashed_subscriber_is_restarted_and_keeps_ingesting(
+        ctx: zmq.asyncio.Context, engines: EngineFactory,
+        subscribers: list[KVEventSubscriber], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    failed = fail_once_on(monkeypatch, 1.0)
+    engine = engines()
+    sink = RecordingSink()
+    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), sink, **FAST_RESTART)
+    await engine.wait_subscribed()
+    await engine.publish(0)
+    await engine.publish(1)  # the loop dies on this one
+    await eventually(lambda: sub.stats.subscriber_restarts == 1, "a restart")
+    assert failed == [1.0]
+    await engine.wait_subscribed()  # a fresh SUB
+    await engine.publish(2)
+    await engine.publish(3)
+    await eventually(lambda: sink.of("pod-a")[-1:] == [3], "batches after the restart")
+    assert sink.of("pod-a") == [0, 2, 3]
+    assert sub.running
+    assert (sub.stats.crashes, sub.stats.connect_errors) == (1, 0)
+    assert sub.stats.failure_counts()["crash"] == 1
+    crashes = [r for r in caplog.records if "subscriber failed" in r.getMessage()]
+    assert len(crashes) == 1 and "pod-a" in crashes[0].getMessage()
+    assert crashes[0].exc_info is not None  # the traceback, once
+
+
+@pytest.mark.asyncio
+async def test_a_refused_publisher_address_is_logged_counted_and_retried(
+        ctx: zmq.asyncio.Context, subscribers: list[KVEventSubscriber],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A mistyped kvEvents address used to end the endpoint's task without a log line.
+    endpoint = Endpoint("pod-typo", "127.0.0.1:8000", kv_events="127.0.0.1:5557")
+    sub = start_subscriber(ctx, subscribers, endpoint, RecordingSink(), **FAST_RESTART)
+    await eventually(lambda: sub.stats.connect_errors >= 3, "retries")
+    assert sub.running  # backing off, not dead
+    assert sub.stats.crashes == 0
+    assert sub.stats.subscriber_restarts == sub.stats.connect_errors
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("pod-typo" in m and "cannot connect" in m and "'127.0.0.1:5557'" in m
+               for m in warnings)
+    metrics = {m.name: m for m in KVEventsCollector(lambda: {"pod-typo": sub.stats},
+                                                    lambda: 0).collect()}
+    by_reason = {s.labels["reason"]: s.value for s in metrics["epp_kv_event_failures"].samples}
+    assert by_reason["connect_error"] >= 3
+    restarts = metrics["epp_kv_event_subscriber_restarts"].samples
+    assert restarts[0].labels == {"endpoint": "pod-typo"} and restarts[0].value >= 3
+
+
+@pytest.mark.asyncio
+async def test_a_crashed_central_loop_rebinds_the_same_port(
+        engines: EngineFactory, managers: list[KVEventsManager],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fail_once_on(monkeypatch, 1.0)
+    pool = EndpointPool()
+    pool.upsert(Endpoint("pod-1", "10.0.0.1:8000", model=MODEL))
+    sink = RecordingSink()
+    manager = KVEventsManager(pool, sink, settings=KVEventsSettings(
+        bind="tcp://127.0.0.1:*", **FAST_RESTART))
+    managers.append(manager)
+    await manager.start()
+    bound = manager.bound_address
+    assert bound is not None
+    engine = engines("kv@10.0.0.1:8000@m", connect=bound, replay=False, verbose=True)
+    await engine.wait_subscribed()
+    await engine.publish(0)
+    await engine.publish(1)  # the loop dies on this one
+    await eventually(lambda: manager.stats()[UNMATCHED].subscriber_restarts == 1, "restart")
+    await engine.wait_subscribed()  # the publisher reconnected to the rebound SUB
+    await engine.publish(2)
+    await eventually(lambda: sink.of("pod-1")[-1:] == [2], "batch after the restart")
+    assert sink.of("pod-1") == [0, 2]
+    assert manager.bound_address == bound
+    assert manager.stats()[UNMATCHED].crashes == 1
+
+
+# --- engine restarts against a real index
+
+
+def blocks_payload(ts: float, hashes: list[int], tokens: list[int]) -> bytes:
+    """One BlockStored of len(hashes) 16-token blocks, chained from the root."""
+    return msgspec.msgpack.encode([ts, [["BlockStored", hashes, None, tokens, 16, None,
+                                         "GPU", None]], 0])
+
+
+@pytest.mark.asyncio
+async def test_engine_restart_leaves_none_of_the_old_blocks(
+        ctx: zmq.asyncio.Context, engines: EngineFactory,
+        subscribers: list[KVEventSubscriber]) -> None:
+    # The restarted engine (sequence from 0, fresh cache, fresh replay buffer) published
+    # more batches than we had seen from the old one before its next live message
+    # reached us, so the sequence alone looks like a gap. After the replay the index
+    # must hold the new engine's blocks and none of the old engine's.
+    engine = engines()
+    index = BlockIndex(model=MODEL)
+    sub = start_subscriber(ctx, subscribers, endpoint_for(engine.port), index)
+    await engine.wait_subscribed()
+
+    def prompt(i: int) -> list[int]:
+        return [1000 * i + t for t in range(32)]  # two blocks
+
+    old = [prompt(i) for i in range(3)]
+    for i, tokens in enumerate(old):
+        await engine.publish(i, raw=blocks_payload(i, [10 * i + 1, 10 * i + 2], tokens))
+    await eventually(lambda: index.blocks_of("pod-a") == 6, "the old engine's blocks")
+
+    engine.restart()
+    new = [prompt(100 + i) for i in range(6)]
+    for i, tokens in enumerate(new):  # published while we were not listening
+        await engine.publish(i, raw=blocks_payload(i, [500 + 10 * i + 1, 500 + 10 * i + 2],
+                                                   tokens), send=False)
+    last = prompt(200)
+    await engine.publish(6, raw=blocks_payload(6, [901, 902], last))
+    await eventually(lambda: sub.stats.received == 4 and sub.stats.applied >= 7,
+                     "the new engine's history")
+
+    def held(tokens: list[int]) -> int:
+        return index.match(chain_keys(tokens, 16, index.root(None)), ["pod-a"])["pod-a"].blocks
+
+    assert [held(tokens) for tokens in old] == [0, 0, 0]
+    assert [held(tokens) for tokens in [*new, last]] == [2] * 7
+    assert index.blocks_of("pod-a") == 14
+    assert (sub.stats.restarts, sub.stats.lost) == (1, 0)
+    assert engine.replay_requests == [2, 0]
+
+
+# --- an endpoint that leaves takes all its state
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("central", [False, True], ids=["per-endpoint", "central"])
+async def test_an_endpoint_that_leaves_takes_all_its_state(
+        engines: EngineFactory, managers: list[KVEventsManager], central: bool) -> None:
+    pool = EndpointPool()
+    index = BlockIndex(model=MODEL)
+    manager = KVEventsManager(pool, index, bind="tcp://127.0.0.1:*" if central else None)
+    managers.append(manager)
+    await manager.start()
+    collector = KVEventsCollector(manager.stats, index.__len__)
+    names = ("pod-1", "pod-2")
+    for n, name in enumerate(names, start=1):
+        topic = f"kv@10.0.0.{n}:8000@m"
+        if central:
+            assert manager.bound_address is not None
+            pool.upsert(Endpoint(name, f"10.0.0.{n}:8000", model=MODEL))
+            engine = engines(topic, connect=manager.bound_address, replay=False)
+        else:
+            engine = engines(topic, replay=False)
+            pool.upsert(Endpoint(name, f"10.0.0.{n}:8000", model=MODEL,
+                                 kv_events=engine.address))
+        await engine.wait_subscribed()
+        await engine.publish(0, raw=blocks_payload(0, [n], list(range(16 * n, 16 * n + 16))))
+    await eventually(lambda: all(index.blocks_of(name) == 1 for name in names),
+                     "both pods' blocks")
+
+    def series() -> set[str]:
+        return {s.labels["endpoint"] for m in collector.collect() for s in m.samples
+                if "endpoint" in s.labels}
+
+    assert {"pod-1", "pod-2"} <= series()
+    pool.remove("pod-2")
+    assert manager.tracked_endpoints() == {"pod-1"}
+    assert "pod-2" not in manager.stats() and "pod-2" not in series()
+    assert index.endpoints() == ["pod-1"] and index.blocks_of("pod-2") == 0
+    assert len(index) == 1
