@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 # How often the file's mtime is checked; cheap (one stat) and fast enough for hand edits.
 DEFAULT_RELOAD_INTERVAL_S = 1.0
 _ENDPOINT_KEYS = {"name", "address", "labels", "model", "kvEvents"}
+# One DNS label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DNS_NAME_MAX = 253  # RFC 1035, without the trailing dot
+# The hosts an engine's own bind address uses for all interfaces; the subscriber
+# replaces them with the endpoint's IP, so a copied vLLM config value works.
+_WILDCARD_HOSTS = ("*",)
 
 
 class EndpointsFileError(ValueError):
@@ -73,13 +81,60 @@ def _parse_one(item: Any, where: str, seen: set[str]) -> Endpoint:
     if model is not None and not isinstance(model, str):
         raise EndpointsFileError(f"{where}.model: must be a string")
     kv_events = item.get("kvEvents")
-    if kv_events is not None and not isinstance(kv_events, str):
-        raise EndpointsFileError(f"{where}.kvEvents: must be a string like tcp://ip:port")
+    if kv_events is not None:
+        problem = kv_events_problem(kv_events)
+        if problem is not None:
+            raise EndpointsFileError(f"{where}.kvEvents: {problem}")
     try:
         return Endpoint(name=name, address=address, labels=labels, model=model,
                         kv_events=kv_events)
     except ValueError as exc:
         raise EndpointsFileError(f"{where}.address: {exc}") from None
+
+
+def kv_events_problem(value: object) -> str | None:
+    """Why ``value`` is not a KV-event publisher address ``tcp://host:port``, or None.
+
+    ZMQ itself accepts some mistypes (``tcp://10.0.0.5:55S7`` connects to port 55,
+    ``:99999`` to nothing) and refuses others only when the subscriber connects, so
+    the file is checked here: host an IPv4 address, a bracketed IPv6 address, a DNS
+    name or ``*`` (vLLM's bind-all default); port 1-65535.
+    """
+    example = "must look like tcp://10.0.0.5:5557"
+    if not isinstance(value, str):
+        return f"{example}, got {type(value).__name__}"
+    scheme, sep, rest = value.partition("://")
+    if scheme != "tcp" or not sep:
+        return f"{example} (tcp:// is the only transport vLLM publishes on), got {value!r}"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return f"{example} (host and port), got {value!r}"
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return f"port {port!r} in {value!r} must be 1-65535"
+    if not _valid_host(host):
+        return (f"host {host!r} in {value!r} must be an IP address ([...] for IPv6), a DNS "
+                "name or *")
+    return None
+
+
+def _valid_host(host: str) -> bool:
+    if host in _WILDCARD_HOSTS:
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    try:
+        ipaddress.IPv4Address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.split(".")
+    return (len(host) <= _DNS_NAME_MAX
+            and all(_DNS_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())  # 10.0.0.300 is a bad IP, not a name
 
 
 def load_endpoints_file(path: str | os.PathLike[str]) -> list[Endpoint]:
