@@ -15,6 +15,8 @@ import grpc
 import h2.errors
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
@@ -399,6 +401,85 @@ async def test_partial_messages_count_against_the_connection_cap() -> None:
         full_exchange(c, other)
         c.flush()
         assert_completed(await c.wait(other))
+    finally:
+        await c.close()
+        await stop(0.5)
+
+
+@pytest.mark.asyncio
+async def test_rapid_reset_flood_leaves_nothing_behind(rig: Rig) -> None:
+    c = await client(rig.port)
+    try:
+        bystander = c.open()
+        c.send(bystander, fe.request_headers(), fe.request_body(BODY))
+        c.flush()
+        await until(lambda: len(c.results[bystander].data) > 0)
+        for _ in range(20):  # 2,000 streams opened and cancelled at once (CVE-2023-44487)
+            for _ in range(100):
+                sid = c.open()
+                c.send(sid, fe.request_headers(), fe.request_body(BODY))
+                c.reset(sid)
+            c.flush()
+            await asyncio.sleep(0)
+        c.send(bystander, fe.response_headers(), fe.response_body(b"{}", True),
+               end_stream=True)
+        c.flush()
+        assert_completed(await c.wait(bystander))
+        await until(lambda: rig.endpoint.state.load.requests == 0)
+        if rig.h2 is not None:
+            await until(lambda: rig.h2 is not None and rig.h2.active_streams == 0)
+    finally:
+        await c.close()
+
+
+OPS = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(
+    ["headers", "body", "half_body", "response", "end", "reset", "garbage", "huge_prefix"])),
+    min_size=1, max_size=25)
+
+
+@pytest.mark.asyncio
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+async def test_any_interleaving_of_stream_faults_spares_the_bystander(ops: Any) -> None:
+    r, stop = await start_rig("h2")
+    c = await client(r.port)
+    try:
+        bystander = c.open()
+        c.send(bystander, fe.request_headers(), fe.request_body(BODY))
+        sids = [c.open() for _ in range(5)]
+        gone: set[int] = set()
+        for index, op in ops:
+            sid = sids[index]
+            if sid in gone:
+                continue
+            if op == "headers":
+                c.send(sid, fe.request_headers())
+            elif op == "body":
+                c.send(sid, fe.request_body(BODY))
+            elif op == "half_body":
+                c.send(sid, fe.request_body(BODY[:7], end_of_stream=False))
+            elif op == "response":
+                c.send(sid, fe.response_headers(), fe.response_body(b"{}", True))
+            elif op == "garbage":
+                c.send(sid, b"\x08\x96\x01\xff\xff")
+            elif op == "huge_prefix":
+                c.send_bytes(sid, b"\x00\xff\xff\xff\xff")
+            elif op in ("end", "reset"):
+                c.reset(sid) if op == "reset" else c.conn.end_stream(sid)
+                gone.add(sid)
+        c.flush()
+        c.send(bystander, fe.response_headers(), fe.response_body(b"{}", True),
+               end_stream=True)
+        c.flush()
+        assert_completed(await c.wait(bystander))
+        assert not c.closed.is_set()
+        for sid in sids:  # close whatever is still open; nothing may hang or leak
+            if sid not in gone:
+                c.reset(sid)
+        c.flush()
+        await until(lambda: r.endpoint.state.load.requests == 0)
+        await until(lambda: r.h2 is not None and r.h2.active_streams == 0)
     finally:
         await c.close()
         await stop(0.5)
