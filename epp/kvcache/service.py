@@ -109,7 +109,8 @@ class KVCacheService:
             await asyncio.sleep(CAPACITY_REFRESH_S)
 
     def event_stats(self) -> dict[str, Any]:
-        """Per-endpoint KV-event counters (for metrics)."""
+        """Per-endpoint KV-event counters (for metrics); central mode adds the endpoint
+        ``""`` for messages no pool endpoint claims. Departed endpoints are not listed."""
         return self.manager.stats() if self.manager is not None else {}
 
     async def stop(self) -> None:
