@@ -33,12 +33,20 @@ class EndpointPool:
         return self._by_name.get(name)
 
     def routable(self, candidates: tuple[Endpoint, ...]) -> tuple[tuple[Endpoint, ...], bool]:
-        """``candidates`` without the endpoints judged unreachable, and whether it failed
-        open: when every candidate is unreachable all of them are returned (a guess
-        beats refusing every request while, say, a scrape path is broken)."""
+        """``candidates`` that are ready, and whether it failed open.
+
+        Ready: not judged unreachable, and scraped successfully at least once, so a pod
+        listed before its server listens gets no traffic (when no candidate has been
+        scraped yet, e.g. at start-up, that second condition is dropped). When every
+        candidate is unreachable all of them are returned: a guess beats refusing every
+        request while, say, the scrape path is broken."""
         kept = candidates  # the usual case: nothing to drop, no copy
-        if any(e.state.unreachable is not None for e in candidates):
-            kept = tuple(e for e in candidates if e.state.unreachable is None)
+        if any(e.state.unreachable is not None or not e.state.metrics.scraped_at
+               for e in candidates):
+            kept = tuple(e for e in candidates
+                         if e.state.unreachable is None and e.state.metrics.scraped_at)
+            if not kept:
+                kept = tuple(e for e in candidates if e.state.unreachable is None)
         if kept:
             if self._failing_open:
                 self._failing_open = False

@@ -164,13 +164,16 @@ RENDER_HEDGE_DELAY_S = 0.02
 RENDER_TIMEOUT_S = 2.0
 # Recent latency per pod is an EWMA; 0.3 follows a change within ~3 calls.
 RENDER_LATENCY_ALPHA = 0.3
-# A failed call, or a first choice that lost to its hedge, counts as this much latency:
-# it ranks the pod behind any pod that answers (healthy ones sit at a few ms).
-RENDER_FAILURE_PENALTY_S = 1.0
-# Remembered latency halves every 2 s without new calls, so a penalised pod is tried
-# again after ~16 s (1 s halved 8 times is ~4 ms, a healthy pod's level); if it is
-# still stalled that costs one request one hedge delay.
+# Remembered latency halves every 2 s without new calls, so a pod that was slow a while
+# ago is tried again rather than shunned for good.
 RENDER_LATENCY_HALF_LIFE_S = 2.0
+# A pod that stalled (a first choice beaten by its hedge, a failed call, a call still
+# silent when the caller gave up) is not asked for this long, doubling per consecutive
+# stall up to the maximum; an answer resets it. Retrying a stalled pod costs one request
+# one hedge delay, so 5 s keeps that under 1% of requests at 20 req/s, and the 60 s cap
+# still notices a recovered pod within a minute.
+RENDER_STALL_COOLDOWN_S = 5.0
+RENDER_MAX_COOLDOWN_S = 60.0
 
 
 @dataclass(slots=True)
@@ -186,8 +189,10 @@ class RenderStats:
 
 @dataclass(slots=True)
 class _Latency:
-    value: float
-    at: float  # time.monotonic() of the last sample
+    value: float | None = None  # EWMA of answered calls; None: never answered
+    at: float = 0.0  # time.monotonic() of the last answer
+    stalls: int = 0  # consecutive stalls
+    cool_until: float = 0.0  # not asked before this time.monotonic()
 
 
 class _RenderFailure(Exception):
@@ -203,11 +208,12 @@ def _retrieve(task: asyncio.Task[list[int]]) -> None:
 class RenderPromptTokenizer:
     """Asks candidate pods' vLLM render endpoints for the prompt's token ids.
 
-    The first choice is the better of two random reachable candidates by recent latency
-    (so calls spread over the pool instead of piling on the first pods by name, and a
-    slow or failing pod is passed over); if it has not answered within
-    ``hedge_delay_s`` (or failed), the best other pod is asked too. The first answer
-    wins and the other call is cancelled. Pods judged unreachable are skipped.
+    The first choice is the faster of two random reachable candidates by recent latency
+    (so calls spread over the pool instead of piling on the first pods by name); if it
+    has not answered within ``hedge_delay_s`` (or failed), the best other pod is asked
+    too. The first answer wins and the other call is cancelled. Pods judged unreachable
+    are skipped; pods that stalled sit out a cooldown; pods whose metrics cannot be
+    scraped are asked only when nothing better is left.
     """
 
     def __init__(self, session_factory: Any = aiohttp.ClientSession,
@@ -229,18 +235,22 @@ class RenderPromptTokenizer:
             self._session = None
 
     def latency(self, endpoint: Endpoint, now: float | None = None) -> float:
-        """The pod's remembered render latency in seconds (decayed; 0 when unknown), plus
-        the failure penalty while its metrics cannot be scraped (a wedged server)."""
-        value = self._remembered(endpoint.address, time.monotonic() if now is None else now)
-        if endpoint.state.scrape_error is not None:
-            value += RENDER_FAILURE_PENALTY_S
-        return value
-
-    def _remembered(self, address: str, now: float) -> float:
-        entry = self._latency.get(address)
-        if entry is None:
+        """The pod's remembered render latency in seconds (decayed; 0 when unknown)."""
+        entry = self._latency.get(endpoint.address)
+        if entry is None or entry.value is None:
             return 0.0
-        return entry.value * 0.5 ** (max(now - entry.at, 0.0) / RENDER_LATENCY_HALF_LIFE_S)
+        age = (time.monotonic() if now is None else now) - entry.at
+        return entry.value * 0.5 ** (max(age, 0.0) / RENDER_LATENCY_HALF_LIFE_S)
+
+    def rank(self, endpoint: Endpoint, now: float) -> int:
+        """0: answered before; 1: not asked yet; 2: its metrics cannot be scraped (maybe
+        wedged); 3: stalled recently (cooling down). Lower is asked first."""
+        entry = self._latency.get(endpoint.address)
+        if entry is not None and entry.cool_until > now:
+            return 3
+        if endpoint.state.scrape_error is not None:
+            return 2
+        return 1 if entry is None or entry.value is None else 0
 
     def choose(self, candidates: Sequence[Endpoint]) -> tuple[Endpoint | None, Endpoint | None]:
         """The first pod to ask and the one to hedge with (either may be None)."""
@@ -251,26 +261,48 @@ class RenderPromptTokenizer:
         if len(usable) < 2:
             return (usable[0] if usable else None), None
         now = time.monotonic()
-        a, b = self._rng.sample(usable, 2)
-        first = a if self.latency(a, now) <= self.latency(b, now) else b
+        ranks = {e.address: self.rank(e, now) for e in usable}
+        # The first choice: the faster of two random pods among those answering or not
+        # yet asked (unknown pods score 0 ms, so each gets explored).
+        good = [e for e in usable if ranks[e.address] <= 1]
+        if len(good) >= 2:
+            a, b = self._rng.sample(good, 2)
+            first = a if self.latency(a, now) <= self.latency(b, now) else b
+        else:
+            first = min(usable, key=lambda e: (ranks[e.address], self._rng.random()))
+        # The hedge: the best other pod, preferring ones known to answer.
         rnd = self._rng.random
         hedge = min((e for e in usable if e is not first),
-                    key=lambda e: (self.latency(e, now), rnd()))
+                    key=lambda e: (ranks[e.address], self.latency(e, now), rnd()))
         return first, hedge
 
-    def _observe(self, endpoint: Endpoint, seconds: float, candidates: Sequence[Endpoint]
-                 ) -> None:
-        now = time.monotonic()
+    def _entry(self, endpoint: Endpoint, candidates: Sequence[Endpoint]) -> _Latency:
         entry = self._latency.get(endpoint.address)
         if entry is None:
-            self._latency[endpoint.address] = _Latency(seconds, now)
-            if len(self._latency) > 2 * len(candidates) + 16:  # departed pods
+            if len(self._latency) >= 2 * len(candidates) + 16:  # forget departed pods
                 keep = {e.address for e in candidates}
                 self._latency = {a: v for a, v in self._latency.items() if a in keep}
-            return
-        current = self._remembered(endpoint.address, now)
-        entry.value = current + RENDER_LATENCY_ALPHA * (seconds - current)
+            entry = self._latency[endpoint.address] = _Latency()
+        return entry
+
+    def _answered(self, endpoint: Endpoint, seconds: float, candidates: Sequence[Endpoint]
+                  ) -> None:
+        entry = self._entry(endpoint, candidates)
+        now = time.monotonic()
+        if entry.value is None:
+            entry.value = seconds
+        else:
+            current = self.latency(endpoint, now)
+            entry.value = current + RENDER_LATENCY_ALPHA * (seconds - current)
         entry.at = now
+        entry.stalls = 0
+        entry.cool_until = 0.0
+
+    def _stalled(self, endpoint: Endpoint, candidates: Sequence[Endpoint]) -> None:
+        entry = self._entry(endpoint, candidates)
+        cooldown = min(RENDER_STALL_COOLDOWN_S * 2 ** entry.stalls, RENDER_MAX_COOLDOWN_S)
+        entry.stalls += 1
+        entry.cool_until = time.monotonic() + cooldown
 
     async def tokens(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> list[int]:
         """Token ids from the first pod that answers (hedged, see the class docstring)."""
@@ -310,7 +342,7 @@ class RenderPromptTokenizer:
                         if endpoint is not first:
                             self.stats.hedge_wins += 1
                             if pending:  # the first choice is stalled: rank it last
-                                self._observe(first, RENDER_FAILURE_PENALTY_S, candidates)
+                                self._stalled(first, candidates)
                         return task.result()
                     errors.append(str(exc))
                 if not hedged and (not done or not pending):
@@ -325,7 +357,7 @@ class RenderPromptTokenizer:
             now = loop.time()
             for endpoint, started in pending.values():
                 if now - started >= self._hedge_delay_s:
-                    self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+                    self._stalled(endpoint, candidates)
             raise
         finally:
             for task in pending:  # the loser (or all, on cancellation)
@@ -346,7 +378,7 @@ class RenderPromptTokenizer:
                                     timeout=self._timeout) as resp:
                 if resp.status != 200:
                     if resp.status >= 500:  # the pod's fault, not the request's
-                        self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+                        self._stalled(endpoint, candidates)
                     raise _RenderFailure(f"{endpoint.address}: HTTP {resp.status}")
                 ids = parse_render_response(await resp.json(content_type=None))
         except _RenderFailure:
@@ -354,11 +386,11 @@ class RenderPromptTokenizer:
             raise
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.stats.failures += 1
-            self._observe(endpoint, RENDER_FAILURE_PENALTY_S, candidates)
+            self._stalled(endpoint, candidates)
             if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens there
                 endpoint.state.report_unreachable(f"render: cannot connect: {exc}")
             raise _RenderFailure(f"{endpoint.address}: {type(exc).__name__} {exc}") from None
-        self._observe(endpoint, time.monotonic() - started, candidates)
+        self._answered(endpoint, time.monotonic() - started, candidates)
         return ids
 
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from epp.datalayer import MetricsScraper
-from epp.datastore import Endpoint, EndpointPool
+from epp.datastore import Endpoint, EndpointPool, ServerMetrics
 from epp.kvcache.index import EndpointMatch
 from epp.kvcache.match import PrefixMatch
 from epp.observability.metrics import EppMetrics
@@ -87,6 +87,18 @@ def test_routable_drops_unreachable_and_fails_open_when_all_are() -> None:
     b.state.report_unreachable("refused")
     assert pool.routable((a, b)) == ((a, b), True)  # fail open, not closed
     assert pool.fail_opens == 1
+
+
+def test_a_listed_pod_gets_traffic_only_after_its_first_scrape() -> None:
+    pool = EndpointPool()
+    pool.replace_all([Endpoint("old", "10.0.0.1:80"), Endpoint("new", "10.0.0.2:80")])
+    old, new = pool.get("old"), pool.get("new")
+    assert old is not None and new is not None
+    assert pool.routable((old, new)) == ((old, new), False)  # nothing scraped yet
+    old.state.update_metrics(ServerMetrics(scraped_at=1.0))
+    assert pool.routable((old, new)) == ((old,), False)  # "new" may not listen yet
+    new.state.update_metrics(ServerMetrics(scraped_at=1.0))
+    assert pool.routable((old, new)) == ((old, new), False)
 
 
 @pytest.mark.asyncio
