@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from epp.errors import BadRequestError
 
 _decoder = msgspec.json.Decoder()
+
+# Deepest JSON nesting accepted. OpenAI bodies nest about 6 levels (messages -> content
+# parts -> image_url) and tool or response-format JSON schemas add a few dozen at most;
+# 128 leaves room for those and stays far below Python's recursion limit (1,000), so code
+# that walks the body recursively later (chat templates, re-encoding, repr) cannot blow up.
+MAX_JSON_DEPTH = 128
+# Token ids are keyed as uint32 (``epp.kvcache.keys``): every real vocabulary is far
+# smaller (~150k-260k). vLLM rejects ids outside its vocabulary with a 400; we cannot know
+# the vocabulary here, so we reject what no vocabulary can hold.
+TOKEN_ID_LIMIT = 2**32
+_TokenIds = tuple[Annotated[int, msgspec.Meta(ge=0, lt=TOKEN_ID_LIMIT)], ...]
 
 
 class RequestKind(enum.Enum):
@@ -110,6 +121,9 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise BadRequestError("request body is empty; expected a JSON object")
     try:
         obj = _decoder.decode(raw)
+    except RecursionError:  # msgspec recurses per level: a 100k-deep body lands here
+        raise BadRequestError(
+            f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except UnicodeDecodeError:  # msgspec raises this for bad bytes inside strings
         raise BadRequestError("request body is not valid UTF-8") from None
     except msgspec.DecodeError as exc:
@@ -127,6 +141,28 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+def check_depth(body: dict[str, Any], skip: str | None = None) -> None:
+    """Refuse a body whose containers nest deeper than :data:`MAX_JSON_DEPTH`.
+
+    Level by level, without recursion, so a deep body cannot exhaust the stack; the cost
+    is one type check per container element (about a decode's worth for tool-heavy
+    bodies). ``skip`` names a top-level field validated flat elsewhere (a completions
+    ``prompt``: up to 128k token ids not worth walking twice).
+    """
+    level = [v for k, v in body.items() if (type(v) is dict or type(v) is list) and k != skip]
+    depth = 1
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        level = below
+
+
 def parse_request(path: str, raw: bytes) -> LLMRequest:
     """Parse a request body for routing; raises :class:`BadRequestError`."""
     body = decode_body(raw)
@@ -136,6 +172,7 @@ def parse_request(path: str, raw: bytes) -> LLMRequest:
     if not isinstance(model, str) or not model:
         raise BadRequestError("field 'model' must be a non-empty string")
     kind = request_kind(path)
+    check_depth(body, "prompt" if kind is RequestKind.COMPLETIONS else None)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequestError("field 'stream' must be a boolean")
@@ -177,8 +214,15 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def _is_token_list(value: list[Any]) -> bool:
-    return all(type(t) is int and t >= 0 for t in value)
+def _token_ids(value: list[Any], where: str) -> tuple[int, ...]:
+    """Token ids as a tuple, or a 400: each must be an int (not a bool) in
+    ``[0, TOKEN_ID_LIMIT)`` (checked in C: a 32k-token prompt takes ~0.4 ms)."""
+    try:
+        return msgspec.convert(value, _TokenIds, strict=True)
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(
+            f"{where} token ids must be integers in [0, {TOKEN_ID_LIMIT}): {exc}"
+        ) from None
 
 
 def _completion_prompt(body: dict[str, Any]) -> Prompt:
@@ -194,15 +238,14 @@ def _completion_prompt(body: dict[str, Any]) -> Prompt:
                 raise BadRequestError("field 'prompt' mixes strings and other values")
             return TextPrompt(tuple(prompt))
         if type(first) is int:
-            if not _is_token_list(prompt):
-                raise BadRequestError("field 'prompt' token ids must be non-negative integers")
-            return TokenPrompt((tuple(prompt),))
+            return TokenPrompt((_token_ids(prompt, "field 'prompt'"),))
         if isinstance(first, list):
-            if not all(isinstance(p, list) and p and _is_token_list(p) for p in prompt):
+            if not all(isinstance(p, list) and p for p in prompt):
                 raise BadRequestError(
                     "field 'prompt' must be a list of non-empty lists of token ids"
                 )
-            return TokenPrompt(tuple(tuple(p) for p in prompt))
+            return TokenPrompt(tuple(_token_ids(p, f"field 'prompt[{i}]'")
+                                     for i, p in enumerate(prompt)))
     raise BadRequestError(
         "field 'prompt' must be a string, a list of strings, or token ids"
     )
