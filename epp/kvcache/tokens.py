@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,9 +32,19 @@ from epp.datastore import Endpoint
 
 log = logging.getLogger(__name__)
 
-# Segments cached (LRU). A segment is a chat message or a completion prompt; 8,192 of
-# them at ~2 KB of text each is ~16 MB of strings plus their token lists.
-DEFAULT_SEGMENT_CACHE = 8192
+# Bytes of segments cached (LRU by bytes, estimated by ``segment_bytes``). A segment is
+# a chat message or a completion prompt. A 32k-token prompt costs ~1.3 MB (32k x 36 B of
+# token list plus ~128 KB of text), so 256 MiB holds ~200 of those, or ~30,000 typical
+# 2 KB system prompts; an entry count could not bound memory (8,192 long prompts: ~11 GB).
+DEFAULT_SEGMENT_CACHE_BYTES = 256 * 1024 * 1024
+# A segment bigger than this share of the budget is not cached: one huge prompt that may
+# never return would flush many that do (1/16 of 256 MiB: a ~400k-token segment).
+MAX_SEGMENT_SHARE = 1 / 16
+# A cached token costs a list slot (8 B) and its int object (28 B; ids below 257 are
+# shared small ints, so this over-counts them slightly).
+BYTES_PER_CACHED_TOKEN = 8 + 28
+# Per entry: the list header (56 B) and the OrderedDict's hash slot and link (~100 B).
+CACHE_ENTRY_OVERHEAD_BYTES = 56 + 100
 # Uncached text longer than this is encoded in a thread: ~4,000 characters is ~1,000
 # tokens, about 1 ms of HF tokenizers time, the longest we let the event loop stall.
 DEFAULT_OFFLOAD_CHARS = 4000
@@ -70,16 +81,25 @@ def _token_prompt(request: LLMRequest) -> list[int] | None:
     return None
 
 
+def segment_bytes(segment: str, tokens: Sequence[int]) -> int:
+    """Estimated memory of one cached segment: its text, its token list, the entry."""
+    return (sys.getsizeof(segment) + BYTES_PER_CACHED_TOKEN * len(tokens)
+            + CACHE_ENTRY_OVERHEAD_BYTES)
+
+
 class LocalPromptTokenizer:
-    """In-process tokenization with a segment cache."""
+    """In-process tokenization with a segment cache bounded in (estimated) bytes."""
 
     def __init__(self, tokenizer: TextTokenizer, *, executor: Executor | None = None,
-                 cache_size: int = DEFAULT_SEGMENT_CACHE,
+                 cache_bytes: int = DEFAULT_SEGMENT_CACHE_BYTES,
+                 max_segment_share: float = MAX_SEGMENT_SHARE,
                  offload_chars: int = DEFAULT_OFFLOAD_CHARS) -> None:
         self._tok = tokenizer
         self._executor = executor
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._cache_size = cache_size
+        self.cache_budget = cache_bytes
+        self._max_segment_bytes = int(cache_bytes * max_segment_share)
+        self.cache_bytes = 0  # estimated bytes held now (``segment_bytes`` of each entry)
         self._offload_chars = offload_chars
         self.cache_hits = 0
         self.cache_misses = 0
@@ -144,14 +164,25 @@ class LocalPromptTokenizer:
                     fresh = next(it)
                     found[i] = fresh
                     if len(segments[i]) >= MIN_CACHED_SEGMENT_CHARS:
-                        cache[segments[i]] = fresh
-            while len(cache) > self._cache_size:
-                cache.popitem(last=False)
+                        self._remember(segments[i], fresh)
         out: list[int] = []
         for ids in found:
             assert ids is not None
             out.extend(ids)
         return out
+
+    def _remember(self, segment: str, tokens: list[int]) -> None:
+        """Cache a segment, evicting least recently used ones to stay within budget."""
+        size = segment_bytes(segment, tokens)
+        cache = self._cache
+        # Already present: a concurrent encode of the same segment cached it first.
+        if size > self._max_segment_bytes or segment in cache:
+            return
+        cache[segment] = tokens
+        self.cache_bytes += size
+        while self.cache_bytes > self.cache_budget:
+            old, old_tokens = cache.popitem(last=False)
+            self.cache_bytes -= segment_bytes(old, old_tokens)
 
 
 # A render call to a healthy pod: vLLM applies the chat template and tokenizes in its API
