@@ -57,7 +57,12 @@ class PreciseProducer:
             return None
         bs = self.block_size(candidates)
         lora = request.model if request.model in self.index.known_loras else None
-        keys = chain_keys(tokens, bs, self.index.root(lora), self.max_blocks)
+        try:
+            keys = chain_keys(tokens, bs, self.index.root(lora), self.max_blocks)
+        except ValueError as exc:  # non-int tokens from a render answer, a bad block size
+            self.failures += 1
+            log.warning("routing without prefix data: %s", exc)
+            return None
         matches = self.index.match(keys, [e.name for e in candidates])
         return PrefixMatch(True, len(tokens), bs, len(keys), matches)
 
