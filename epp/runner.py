@@ -22,6 +22,7 @@ from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.errors import RequestError
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
+from epp.kvcache.producer import ApproximateProducer
 from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, PoolCollector
 from epp.observability.health import HealthReporter
@@ -101,6 +102,9 @@ class App:
         s = self.settings
         await self.health.start()
         self.pool.add_listener(self._on_pool_change)
+        for producer in self.picker_config.producers:
+            if isinstance(producer, ApproximateProducer):  # drops departed pods' history
+                self.pool.add_listener(producer.on_pool_change)
         await self.discovery.start()
         await self.scraper.start()
         for service in self.kv_services:

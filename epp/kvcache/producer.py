@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import xxhash
 
@@ -23,6 +23,10 @@ DEFAULT_BLOCK_SIZE = 16
 # Longest prefix considered: 256 blocks of 16 = 4k tokens by GIE's default; ours is
 # larger because exact lookups are cheap (O(blocks)): 8,192 blocks = 128k tokens.
 DEFAULT_MAX_PREFIX_BLOCKS = 8192
+# Approximate routing history, all endpoints together. A key costs ~128 B in an
+# OrderedDict (int object, hash slot, link; measured), so GIE's 31,250 keys per server
+# are ~4 MB each; 2M keys (~256 MiB) hold 64 servers at full per-server capacity.
+DEFAULT_MAX_HISTORY_KEYS = 2_000_000
 
 
 class PreciseProducer:
@@ -80,24 +84,65 @@ def approximate_text(request: LLMRequest) -> str:
 
 
 class RoutingHistory:
-    """Per-endpoint LRU of the approximate block hashes routed there (GIE semantics)."""
+    """Per-endpoint LRU of the approximate block hashes routed there (GIE semantics),
+    bounded per endpoint and in total, and only for endpoints in the pool.
 
-    def __init__(self, capacity_per_endpoint: int) -> None:
+    ``retain`` (called on every pool change) drops the history of endpoints that left;
+    once it has been called, routing recorded for an endpoint no longer in the pool (a
+    request scheduled just before its pod left) is ignored, so nothing of a departed
+    pod is kept. Over ``max_total_keys``, the endpoint holding the most keys loses its
+    oldest ones first, so a large pool shares the budget evenly.
+    """
+
+    def __init__(self, capacity_per_endpoint: int,
+                 max_total_keys: int = DEFAULT_MAX_HISTORY_KEYS) -> None:
         self.capacity = capacity_per_endpoint
+        self.max_total_keys = max_total_keys
         self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._pool: frozenset[str] | None = None  # None until the first pool snapshot
+        self.total_keys = 0
 
     def record(self, endpoint: str, keys: Sequence[int]) -> None:
         """The request with these keys was routed to ``endpoint``."""
-        lru = self._lru.setdefault(endpoint, OrderedDict())
+        if self._pool is not None and endpoint not in self._pool:
+            return
+        lru = self._lru.get(endpoint)
+        if lru is None:
+            lru = self._lru[endpoint] = OrderedDict()
+        before = len(lru)
         for k in keys:
             lru[k] = None
             lru.move_to_end(k)
         while len(lru) > self.capacity:
             lru.popitem(last=False)
+        self.total_keys += len(lru) - before
+        if self.total_keys > self.max_total_keys:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Evict the oldest keys of the largest histories until within the total."""
+        while self.total_keys > self.max_total_keys:
+            largest = max(self._lru.values(), key=len)
+            excess = min(self.total_keys - self.max_total_keys, len(largest))
+            for _ in range(excess):
+                largest.popitem(last=False)
+            self.total_keys -= excess
 
     def forget(self, endpoint: str) -> None:
         """Drop an endpoint's history (it left the pool)."""
-        self._lru.pop(endpoint, None)
+        lru = self._lru.pop(endpoint, None)
+        if lru is not None:
+            self.total_keys -= len(lru)
+
+    def retain(self, endpoints: Iterable[str]) -> None:
+        """Keep history only for ``endpoints`` (the pool now); forget every other."""
+        self._pool = frozenset(endpoints)
+        for name in [n for n in self._lru if n not in self._pool]:
+            self.forget(name)
+
+    def endpoints(self) -> list[str]:
+        """Endpoints with recorded history."""
+        return list(self._lru)
 
     def match(self, keys: Sequence[int], endpoint: str) -> int:
         """Consecutive leading keys found in the endpoint's history."""
@@ -119,17 +164,31 @@ class ApproximateProducer:
     name = "approximate-prefix-match"
 
     def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int = 256,
-                 capacity_per_endpoint: int = 31_250) -> None:
+                 capacity_per_endpoint: int = 31_250,
+                 max_total_keys: int = DEFAULT_MAX_HISTORY_KEYS) -> None:
         self.block_size = block_size
         self.chars_per_block = 4 * block_size  # ~4 characters per token
         self.max_blocks = max_blocks
-        self.history = RoutingHistory(capacity_per_endpoint)
+        self.history = RoutingHistory(capacity_per_endpoint, max_total_keys)
+        self._addresses: dict[str, str] = {}
+
+    def on_pool_change(self, endpoints: Sequence[Endpoint]) -> None:
+        """Pool listener: forget the routing history of endpoints that left, and of
+        those now at another address (a new pod under the old name has an empty cache)."""
+        addresses = {e.name: e.address for e in endpoints}
+        for name, address in self._addresses.items():
+            if addresses.get(name, address) != address:
+                self.history.forget(name)
+        self._addresses = addresses
+        self.history.retain(addresses)
 
     def keys(self, request: LLMRequest) -> list[int]:
         """Chained hashes of the prompt's full character blocks."""
         text = approximate_text(request).encode("utf-8", "surrogatepass")
         salt = request.body.get("cache_salt")
-        seed = xxhash.xxh3_64_intdigest(f"{request.model}\x00{salt or ''}".encode())
+        if not isinstance(salt, str):  # vLLM requires a string; anything else salts nothing
+            salt = ""
+        seed = xxhash.xxh3_64_intdigest(f"{request.model}\x00{salt}".encode())
         step = self.chars_per_block
         n = min(len(text) // step, self.max_blocks)
         keys = []
