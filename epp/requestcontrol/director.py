@@ -18,6 +18,7 @@ from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
+from epp.kvcache.supervise import LogLimiter
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError
@@ -183,8 +184,10 @@ class Director:
         self._pre_request = list(pre_request)
         self._response_complete = list(response_complete)
         self._e2e = metrics.scheduler_e2e
+        self._log_limit = LogLimiter(log)
 
-    def candidates(self, subset: Sequence[str] | None) -> tuple[Endpoint, ...]:
+    def candidates(self, subset: Sequence[str] | None, *, count: bool = True
+                   ) -> tuple[Endpoint, ...]:
         """The pool, restricted to the proxy's subset hint and to reachable endpoints
         (all of them when none is: fail open); raises 503 when empty."""
         candidates = self._pool.snapshot()
@@ -199,17 +202,19 @@ class Director:
                     "is in the pool"
                 )
         candidates, failed_open = self._pool.routable(candidates)
-        if failed_open:
+        if failed_open and count:
             self._metrics.unreachable_fail_open.inc()
         return candidates
 
     def prepare(self, headers: Mapping[str, str], body: bytes | None,
-                subset: Sequence[str] | None) -> tuple[SchedulingContext, tuple[Endpoint, ...]]:
-        """Parse and admit; returns the scheduling context and candidates."""
+                subset: Sequence[str] | None, *, count: bool = True
+                ) -> tuple[SchedulingContext, tuple[Endpoint, ...]]:
+        """Parse and admit; returns the scheduling context and candidates (``count``:
+        whether this is a real request, for the metrics)."""
         request = None
         if body is not None:
             request = parse_request(headers.get(":path", "/"), body)
-        candidates = self.candidates(subset)
+        candidates = self.candidates(subset, count=count)
         now = time.monotonic()
         priority = self.admission.priority(headers)
         self.admission.admit(priority, candidates, now)
@@ -237,8 +242,9 @@ class Director:
                     lost = "deadline"
                 else:
                     lost = "error"
-                    log.warning("prefix producer %s failed: %s: %s", producer.name,
-                                type(exc).__name__, exc, exc_info=True)
+                    self._log_limit.warning(
+                        f"error:{producer.name}", "prefix producer %s failed: %s: %s",
+                        producer.name, type(exc).__name__, exc, exc_info=True)
                 continue
             if match is None:
                 if ctx.request is not None and ctx.request.prompt is not None:
@@ -256,15 +262,17 @@ class Director:
         ctx.cycle[PREFIX_DEGRADED_KEY] = {"reason": lost, "fallback": fallback}
         if count:
             self._metrics.prefix_degraded.labels(lost).inc()
-            log.warning("request %s: routed without the precise prefix match (%s; using %s)",
-                        ctx.headers.get("x-request-id", "-"), lost,
-                        "the approximate match" if match is not None else "no prefix match")
+            # Rate-limited per reason: a wedged tokenizer source degrades every request.
+            self._log_limit.warning(
+                lost, "request %s: routed without the precise prefix match (%s; using %s)",
+                ctx.headers.get("x-request-id", "-"), lost,
+                "the approximate match" if match is not None else "no prefix match")
 
     async def explain(self, headers: Mapping[str, str], body: bytes | None
                       ) -> dict[str, Any]:
         """Everything the director would decide for a request, without routing it: no
         in-flight accounting, no hooks, no metrics. Raises :class:`RequestError`."""
-        ctx, candidates = self.prepare(headers, body, None)
+        ctx, candidates = self.prepare(headers, body, None, count=False)
         await self._produce(ctx, candidates, count=False)
         try:
             result = self.scheduler.schedule(ctx, candidates, explain=True)
