@@ -13,6 +13,7 @@ from epp.sim.config import (
     DEFAULT_KV_CAPACITY_TOKENS,
     DEFAULT_KV_TRANSFER_US_PER_TOKEN,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_PREFILL_TOKENS_PER_S,
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-tokens", type=int, default=16, help="output tokens when a request sets none"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN,
+        help="context window in tokens (prompt + output); longer requests get a 400 as from "
+             f"vLLM (default {DEFAULT_MAX_MODEL_LEN})",
     )
     parser.add_argument(
         "--max-num-seqs", type=int, default=None,
@@ -201,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         advertise=args.advertise,
         served_model_names=args.models or ("qwen3",),
         default_max_tokens=args.max_tokens,
+        max_model_len=args.max_model_len,
         lora_names=args.loras or (),
         max_loras=args.max_loras,
         tokenizer=tokenizer,

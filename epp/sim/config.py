@@ -47,6 +47,9 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # duration divided by it, every rate multiplied), so a long run fits a small machine.
 # 1 = real time.
 DEFAULT_TIME_SCALE = 1.0
+# Context window (prompt + output tokens). vLLM takes max_model_len from the model's config:
+# 131,072 for Llama-3.1-8B, the model the GPU profiles describe; it rejects longer requests.
+DEFAULT_MAX_MODEL_LEN = 131_072
 # How long a decode pod waits for its prefill pod before it prefills locally. Generous: a
 # 128K-token prompt takes ~6 s to prefill at the default rate, plus queueing.
 DEFAULT_REMOTE_PREFILL_TIMEOUT_S = 30.0
@@ -75,6 +78,9 @@ class SimConfig:
     many times faster on the wall clock; the settings stay in fleet (real GPU) time.
     ``epp.sim.profiles`` holds these settings per GPU type.
 
+    ``max_model_len`` is the context window: like vLLM, a request whose prompt plus
+    ``max_tokens`` exceeds it is refused with a 400.
+
     ``role`` (one of ``ROLES``) is the pod's place in a disaggregated pool. A decode or
     both pod given ``x-prefiller-host-port`` has that pod prefill first (waiting at most
     ``remote_prefill_timeout_s``, else prefilling locally) and receives the KV cache at
@@ -92,6 +98,7 @@ class SimConfig:
     itl_us_per_kv_token: float = 0.0
     time_scale: float = DEFAULT_TIME_SCALE
     default_max_tokens: int = 16
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS
@@ -133,7 +140,8 @@ class SimConfig:
             raise ValueError(
                 f"default_max_tokens must be an integer >= 1, got {self.default_max_tokens!r}"
             )
-        for name in ("max_body_bytes", "max_num_seqs", "block_size", "max_loras"):
+        for name in ("max_body_bytes", "max_num_seqs", "block_size", "max_loras",
+                     "max_model_len"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -20,7 +20,9 @@ def error_body(status: int, message: str, *, param: str | None = None) -> JsonOb
         phrase = HTTPStatus(status).phrase
     except ValueError:  # non-standard status codes have no phrase
         phrase = "Unknown"
-    error_type = phrase.replace(" ", "").replace("-", "") + "Error"
+    error_type = phrase.replace(" ", "").replace("-", "")
+    if not error_type.endswith("Error"):  # "Internal Server Error" is not doubled
+        error_type += "Error"
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 

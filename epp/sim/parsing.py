@@ -6,6 +6,8 @@ HTTP layer turns into a vLLM-shaped JSON error.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,9 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     chat: ChatInput | None = None  # chat requests only
+    # The output budget the client asked for; None: it set none and the default applies
+    # (shortened to fit the context window, as vLLM does).
+    requested_max_tokens: int | None = None
 
 
 Parser = Callable[[JsonObject, Sequence[str], int], ParsedRequest]
@@ -69,14 +74,17 @@ def parse_completions(
     """Parse a ``/v1/completions`` body; a list of prompts becomes a batch (one choice each)."""
     if "prompt" not in payload or payload["prompt"] is None:
         raise ApiError(400, "Field 'prompt' is required", param="prompt")
-    max_tokens = _max_tokens(payload, ("max_tokens",), default_max_tokens)
+    requested = _max_tokens(payload, ("max_tokens",))
+    max_tokens = default_max_tokens if requested is None else requested
     stream, include_usage = _stream_flags(payload)
+    check_sampling_params(payload)
     generations = tuple(
         GenerationRequest(prompt_text=text, prompt_token_ids=ids, max_tokens=max_tokens)
         for text, ids in _prompts(payload["prompt"])
     )
     # Like vLLM: a malformed body is a 400 even when the model is unknown too.
-    return ParsedRequest(_model(payload, served_models), generations, stream, include_usage)
+    return ParsedRequest(_model(payload, served_models), generations, stream, include_usage,
+                         requested_max_tokens=requested)
 
 
 def parse_chat(
@@ -94,13 +102,16 @@ def parse_chat(
     ):
         raise ApiError(400, "'tools' must be a list of objects", param="tools")
     # vLLM prefers max_completion_tokens; max_tokens is the deprecated spelling.
-    max_tokens = _max_tokens(payload, ("max_completion_tokens", "max_tokens"), default_max_tokens)
+    requested = _max_tokens(payload, ("max_completion_tokens", "max_tokens"))
+    max_tokens = default_max_tokens if requested is None else requested
     stream, include_usage = _stream_flags(payload)
+    check_sampling_params(payload)
     prompt = render_chat_prompt([_chat_message(i, m) for i, m in enumerate(messages)], tools)
     generation = GenerationRequest(prompt_text=prompt, max_tokens=max_tokens)
     chat = ChatInput(tuple(messages), tuple(tools) if tools is not None else None)
     model = _model(payload, served_models)
-    return ParsedRequest(model, (generation,), stream, include_usage, chat)
+    return ParsedRequest(model, (generation,), stream, include_usage, chat,
+                         requested_max_tokens=requested)
 
 
 def _model(payload: JsonObject, served_models: Sequence[str]) -> str:
@@ -118,15 +129,89 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _max_tokens(payload: JsonObject, fields: Sequence[str], default: int) -> int:
+def _max_tokens(payload: JsonObject, fields: Sequence[str]) -> int | None:
+    """The output budget the client set (None: none). Its upper bound depends on the
+    prompt's length and is checked by :func:`fit_context` once that is known."""
     for name in fields:
         value = payload.get(name)
         if value is None:
             continue
         if not _is_int(value) or value < 1:
-            raise ApiError(400, f"'{name}' must be an integer >= 1, got {value!r}", param=name)
+            raise ApiError(400, f"'{name}' must be an integer >= 1, got {_short(value)}",
+                           param=name)
         return int(value)
-    return default
+    return None
+
+
+def _short(value: object) -> str:
+    """``repr`` for an error message, cut short: a client's value may be huge."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# vLLM's SamplingParams checks (``_verify_args``), each a 400 when it fails: the field,
+# whether it must be an integer, and the rule as (accepts, how vLLM words the range).
+# int64 bounds are pydantic's for ``seed``.
+_INT64 = 2**63
+_SAMPLING_RULES: tuple[tuple[str, bool, Callable[[float], bool], str], ...] = (
+    ("n", True, lambda v: v >= 1, "must be at least 1"),
+    ("best_of", True, lambda v: v >= 1, "must be at least 1"),
+    ("temperature", False, lambda v: v >= 0, "must be non-negative"),
+    ("top_p", False, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("top_k", True, lambda v: v >= -1, "must be 0 or -1 (disable), or at least 1"),
+    ("min_p", False, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("presence_penalty", False, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    ("frequency_penalty", False, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    ("repetition_penalty", False, lambda v: v > 0, "must be greater than zero"),
+    ("seed", True, lambda v: -_INT64 <= v < _INT64, "must fit in a signed 64-bit integer"),
+)
+
+
+def check_sampling_params(payload: JsonObject) -> None:
+    """Refuse sampling parameters vLLM refuses (a 400 naming the field), so a client sees
+    the answer a real pod would give. Absent or null fields take vLLM's defaults."""
+    for name, integer, accepts, rule in _SAMPLING_RULES:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if integer and not _is_int(value):
+            raise ApiError(400, f"{name} must be an integer, got {_short(value)}.", param=name)
+        if not integer and not (_is_int(value) or isinstance(value, float)):
+            raise ApiError(400, f"{name} must be a number, got {_short(value)}.", param=name)
+        if (isinstance(value, float) and not math.isfinite(value)) or not accepts(value):
+            raise ApiError(400, f"{name} {rule}, got {_short(value)}.", param=name)
+
+
+def fit_context(parsed: ParsedRequest, count_tokens: Callable[[GenerationRequest], int],
+                max_model_len: int) -> ParsedRequest:
+    """Check every prompt against the context window as vLLM does, or raise a 400.
+
+    A prompt must leave room for one output token; an explicit ``max_tokens`` must fit
+    beside the prompt; the default budget is shortened to what fits (vLLM's default is
+    all that fits).
+    """
+    fitted = []
+    for generation in parsed.generations:
+        prompt = count_tokens(generation)
+        if prompt >= max_model_len:
+            raise ApiError(
+                400, f"This model's maximum context length is {max_model_len} tokens. "
+                f"However, your request has {prompt} input tokens. Please reduce the length "
+                "of the input messages.", param="messages" if parsed.chat else "prompt")
+        room = max_model_len - prompt
+        wanted = parsed.requested_max_tokens
+        if wanted is not None and wanted > room:
+            raise ApiError(
+                400, f"'max_tokens' or 'max_completion_tokens' is too large: "
+                f"{_short(wanted)}. This model's maximum context length is {max_model_len} "
+                f"tokens and your request has {prompt} input tokens "
+                f"({_short(wanted)} > {max_model_len} - {prompt}).", param="max_tokens")
+        if generation.max_tokens > room:
+            generation = dataclasses.replace(generation, max_tokens=room)
+        fitted.append(generation)
+    return dataclasses.replace(parsed, generations=tuple(fitted))
 
 
 def _stream_flags(payload: JsonObject) -> tuple[bool, bool]:

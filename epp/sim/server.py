@@ -60,6 +60,7 @@ from epp.sim.parsing import (
     ParsedRequest,
     Parser,
     decode_json_object,
+    fit_context,
     parse_chat,
     parse_completions,
 )
@@ -224,10 +225,12 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
             RECEIVED_AT_HEADER: f"{received_at:.6f}",
         }
         config = request.app[CONFIG_KEY]
+        engine = request.app[ENGINE_KEY]
         try:
             payload = decode_json_object(body)
             parsed = parse(payload, config.model_names, config.default_max_tokens)
             parsed = await tokenize_request(request.app[TOKENIZER_KEY], parsed)
+            parsed = fit_context(parsed, engine.count_prompt_tokens, config.max_model_len)
         except ApiError as exc:
             response = _json(exc.body(), status=exc.status)
             response.headers.update(echo)
@@ -243,7 +246,6 @@ def _generation_handler(parse: Parser, fmt: ResponseFormat) -> Handler:
             created=int(time.time()),
             model=parsed.model,
         )
-        engine = request.app[ENGINE_KEY]
         lora = parsed.model if parsed.model in config.lora_names else None
         completions = [engine.plan(generation, lora=lora) for generation in parsed.generations]
         source = await _prefill_source(request, payload, len(completions))
