@@ -59,7 +59,9 @@ class App:
         admission = Admission(self.picker_config.objectives, detector)
         cfg = self.picker_config
         # The precise scorer names its settings; the runner owns the services behind it.
-        self.kv_services = [KVCacheService(kv) for kv in cfg.kv_settings]
+        failed = self.metrics.count_background_failure
+        self.kv_services = [KVCacheService(kv, on_task_failure=failed)
+                            for kv in cfg.kv_settings]
         self.director = Director(
             self.pool, cfg.scheduler, admission, self.metrics,
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
@@ -68,7 +70,8 @@ class App:
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
-                                      stale_after_s=settings.metrics_stale_after_s)
+                                      stale_after_s=settings.metrics_stale_after_s,
+                                      on_task_failure=failed)
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -82,7 +85,8 @@ class App:
     def _build_discovery(self, admission: Admission) -> StaticDiscovery | KubernetesDiscovery:
         s = self.settings
         if s.endpoints_file is not None:
-            return StaticDiscovery(self.pool, s.endpoints_file, s.endpoints_reload_s)
+            return StaticDiscovery(self.pool, s.endpoints_file, s.endpoints_reload_s,
+                                   on_task_failure=self.metrics.count_background_failure)
         configured = dict(self.picker_config.objectives)
 
         def objectives_sink(found: dict[str, int]) -> None:
@@ -95,6 +99,8 @@ class App:
             selector=dict(s.endpoint_selector) if s.endpoint_selector else None,
             target_ports=list(s.endpoint_target_ports) if s.endpoint_target_ports else None,
             objectives_sink=objectives_sink, kubeconfig=s.kubeconfig,
+            on_task_failure=self.metrics.count_background_failure,
+            on_watch_error=self.metrics.count_watch_error,
             kv_events_port=next((k.settings.kv_events_port for k in self.kv_services), None))
 
     async def start(self) -> None:

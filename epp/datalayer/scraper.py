@@ -5,7 +5,8 @@ and go, all sharing one keep-alive ``aiohttp.ClientSession``. A slow or dead pod
 delays its own task. A failed scrape keeps the last good metrics (they age into staleness,
 see ``MetricsScraper.is_stale``) and records a short reason in ``state.scrape_error``. A
 refused connection also marks the endpoint unreachable (out of the candidate set); the
-next successful scrape brings it back.
+next successful scrape brings it back. Each task is supervised: one that dies of a bug is
+counted (``on_task_failure("scraper")``), logged and restarted with backoff.
 
 Pages are parsed inline on the event loop: ``parse_metrics`` takes about 50 µs for a
 56 KB vLLM page (``benchmarks/scrape.py``); a round trip through a worker thread costs
@@ -26,7 +27,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -34,6 +37,7 @@ from epp.datalayer.parser import MetricsParseError, parse_metrics
 from epp.datastore.endpoint import Endpoint
 from epp.datastore.metrics import EndpointState
 from epp.datastore.pool import EndpointPool
+from epp.supervise import FailureCounter, LogLimiter, supervised
 
 # vLLM's queue depth changes within a few decode steps (20-50 ms each), so a picker
 # reading it should see values at most ~100 ms old. The Go endpoint picker refreshes
@@ -54,6 +58,9 @@ DEFAULT_STALE_AFTER_S = STALE_AFTER_INTERVALS * DEFAULT_SCRAPE_INTERVAL_S
 # A vLLM page is 30-100 KB (it grows with histogram label sets); anything 40x beyond
 # that is not a metrics page and must not be buffered whole.
 MAX_PAGE_BYTES = 4 * 1024 * 1024
+# The task kind of every poller in the background-failure count (not the endpoint: the
+# label values must stay bounded).
+SCRAPER_TASK = "scraper"
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,7 @@ class MetricsScraper:
         path: str = "/metrics",
         stale_after_s: float | None = None,
         accept_gzip: bool = False,
+        on_task_failure: FailureCounter | None = None,
     ) -> None:
         if not interval_s > 0 or not timeout_s > 0:
             raise ValueError(
@@ -120,6 +128,8 @@ class MetricsScraper:
         self._pollers: dict[str, _Poller] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
         self._listening = False
+        self._on_task_failure = on_task_failure
+        self._logs = LogLimiter(log)
         self.stats = ScrapeStats()
 
     @property
@@ -193,10 +203,20 @@ class MetricsScraper:
         for name, endpoint in wanted.items():
             if name not in self._pollers:
                 task = self._loop.create_task(
-                    self._poll(endpoint.name, endpoint.address, endpoint.state),
+                    self._supervised_poll(endpoint.name, endpoint.address, endpoint.state),
                     name=f"scrape {endpoint.name}",
                 )
                 self._pollers[name] = _Poller(endpoint.address, endpoint.state, task)
+
+    def _supervised_poll(self, name: str, address: str, state: EndpointState
+                         ) -> Coroutine[Any, Any, None]:
+        def on_restart(exc: Exception) -> None:
+            # Visible in the endpoint's state until the restarted poller scrapes again.
+            state.scrape_error = f"internal error: {type(exc).__name__}"
+
+        return supervised(lambda: self._poll(name, address, state), task=SCRAPER_TASK,
+                          what=f"poller of {name} ({address})", logs=self._logs,
+                          count=self._on_task_failure, on_restart=on_restart)
 
     async def _poll(self, name: str, address: str, state: EndpointState) -> None:
         loop = asyncio.get_running_loop()
@@ -257,9 +277,8 @@ class MetricsScraper:
             return f"bad metrics page: {exc}"
         except _ScrapeFailure as exc:
             return str(exc)
-        except Exception as exc:  # a bug must not kill the poller silently
-            log.exception("metrics scrape of %s failed unexpectedly", url)
-            return f"internal error: {type(exc).__name__}"
+        # Anything else is a bug: it ends the poller, whose supervisor counts, logs (rate-
+        # limited, not every 100 ms) and restarts it with backoff.
         state.update_metrics(metrics)  # also clears scrape_error and load.since_scrape
         return None
 

@@ -12,6 +12,10 @@ Protocol, as the API server speaks it:
   (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) until ``timeoutSeconds``;
 * a version older than the server's history answers 410 Gone (an ERROR event or the HTTP
   status): the client must list again.
+
+Failures the protocol expects (a dropped connection, 410, an error status) are retried
+here and counted by reason (``on_error``); anything else is a bug that ends
+:meth:`Reflector.run` for its supervisor to count and restart.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
 
 Lister = Callable[..., Awaitable[Any]]
+# Counts one retried list/watch failure, given the resource (its plural) and a reason.
+WatchErrorCounter = Callable[[str, str], None]
+
+# Why a list or watch was retried: a fixed set, as the values of a metric label.
+REASON_CONNECTION = "connection"  # refused, reset, DNS, a cut stream
+REASON_TIMEOUT = "timeout"  # connect or read timed out
+REASON_EXPIRED = "expired"  # 410 Gone: resourceVersion too old, list again
+REASON_HTTP = "http"  # the API server answered with an error Status (5xx, 429, 403...)
+REASON_MALFORMED = "malformed"  # the answer was not JSON or not a list
+REASON_CLOSED_EARLY = "closed-early"  # a watch ended at once without events
+WATCH_ERROR_REASONS = (REASON_CONNECTION, REASON_TIMEOUT, REASON_EXPIRED, REASON_HTTP,
+                       REASON_MALFORMED, REASON_CLOSED_EARLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +140,19 @@ async def status_error(resp: aiohttp.ClientResponse, verb: str,
     return KubeAPIError(resp.status, reason, message, verb=verb, resource=resource)
 
 
+def error_reason(exc: BaseException) -> str:
+    """The reason label of a retried failure (one of :data:`WATCH_ERROR_REASONS`)."""
+    if isinstance(exc, WatchExpired):
+        return REASON_EXPIRED
+    if isinstance(exc, KubeAPIError):
+        return REASON_HTTP
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return REASON_TIMEOUT
+    if isinstance(exc, ValueError):
+        return REASON_MALFORMED
+    return REASON_CONNECTION
+
+
 def _name(obj: Any) -> str | None:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
@@ -142,13 +171,15 @@ class Reflector(Generic[T]):
     ``on_change()`` runs after every applied event and after every (re)list, in the same
     event-loop step as the change, so its readers never see a half-applied update.
     ``convert`` must not raise: it maps malformed objects to something harmless.
+    ``on_error(resource, reason)`` counts each retried failure.
     """
 
     def __init__(self, resource: Resource, lister: Lister, convert: Callable[[dict[str, Any]], T],
                  on_change: Callable[[], None], *, field_selector: str | None = None,
                  watch_timeout_s: float = DEFAULT_WATCH_TIMEOUT_S,
                  list_timeout_s: float = DEFAULT_LIST_TIMEOUT_S,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None,
+                 on_error: WatchErrorCounter | None = None) -> None:
         self.resource = resource
         self.items: dict[str, T] = {}
         self.resource_version: str | None = None
@@ -161,6 +192,12 @@ class Reflector(Generic[T]):
         self._backoff = backoff or Backoff()
         self._pending: aiohttp.ClientResponse | None = None  # an opened, unread watch
         self._last_problem: str | None = None
+        self._on_error = on_error
+
+    def count_error(self, reason: str) -> None:
+        """Count one retried failure of this resource's list or watch."""
+        if self._on_error is not None:
+            self._on_error(self.resource.plural, reason)
 
     def _selector_kwargs(self) -> dict[str, Any]:
         return {"field_selector": self._field_selector} if self._field_selector else {}
@@ -219,7 +256,11 @@ class Reflector(Generic[T]):
 
     async def run(self) -> None:
         """Watch until cancelled: resume from the last resourceVersion after a drop or a
-        timeout, list again on 410 Gone, back off (with jitter) on errors."""
+        timeout, list again on 410 Gone, back off (with jitter) on errors.
+
+        Any other exception (a bug in ``convert`` or ``on_change``) propagates, for the
+        caller's supervisor; ``items`` keep their last state, and the next ``run()``
+        lists again, since an event may have been half-applied."""
         must_list = self.resource_version is None
         expired_in_a_row = 0
         try:
@@ -238,19 +279,24 @@ class Reflector(Generic[T]):
                         self._backoff.reset()
                         continue
                     log.debug("%s: watch ended at once without events", self.resource.qualified)
+                    self.count_error(REASON_CLOSED_EARLY)
                 except WatchExpired as exc:
+                    self.count_error(REASON_EXPIRED)
                     must_list = True
                     expired_in_a_row += 1
                     log.info("%s: %s; listing again", self.resource.qualified, exc)
                     if expired_in_a_row == 1:
                         continue  # the normal case: relist at once
                 except KubeAPIError as exc:
+                    self.count_error(REASON_HTTP)
                     self._problem(logging.ERROR, explain(exc))
                 except TRANSIENT_ERRORS as exc:
+                    self.count_error(error_reason(exc))
                     self._problem(logging.WARNING, f"{type(exc).__name__}: {exc}")
-                except Exception:  # a bug must not end discovery for good
-                    log.exception("%s: watch failed", self.resource.qualified)
                 await asyncio.sleep(self._backoff.next_delay())
+        except Exception:
+            self.resource_version = None  # list again after the restart
+            raise
         finally:
             self.close()
 

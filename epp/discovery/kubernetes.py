@@ -25,7 +25,7 @@ import functools
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,13 @@ from epp.discovery.k8s_watch import (
     KubeAPIError,
     Reflector,
     Resource,
+    WatchErrorCounter,
     WatchExpired,
+    error_reason,
     explain,
 )
+from epp.supervise import Backoff as SupervisorBackoff
+from epp.supervise import FailureCounter, LogLimiter, supervised
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ OBJECTIVE_PLURAL = "inferenceobjectives"
 MODEL_KEY = "llm-d.ai/model"
 # InferencePool v1 allows 1-8 target ports.
 MAX_TARGET_PORTS = 8
+# The kind of each watch loop in the background-failure count: one per resource.
+WATCH_TASK_PREFIX = "k8s-watch-"
 # Answers that retrying cannot fix: fail start-up with the explanation.
 _FATAL_AT_START = (401, 403, 404)
 
@@ -253,6 +259,9 @@ class KubernetesDiscovery:
     :meth:`start` returns after the first full sync (then the pool is marked synced) and
     raises :class:`DiscoveryError` for what retrying cannot fix; afterwards watches
     resume, relist and back off on their own, keeping the last good state meanwhile.
+    ``on_watch_error(resource, reason)`` counts those retries. Each watch loop is
+    supervised: one that dies of a bug is counted as ``on_task_failure("k8s-watch-<plural>")``,
+    logged and restarted with backoff (it lists again).
     """
 
     def __init__(self, pool: EndpointPool, *, namespace: str, pool_name: str | None = None,
@@ -265,7 +274,9 @@ class KubernetesDiscovery:
                  watch_timeout_s: float = DEFAULT_WATCH_TIMEOUT_S,
                  list_timeout_s: float = DEFAULT_LIST_TIMEOUT_S,
                  backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S,
-                 backoff_max_s: float = DEFAULT_BACKOFF_MAX_S) -> None:
+                 backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
+                 on_task_failure: FailureCounter | None = None,
+                 on_watch_error: WatchErrorCounter | None = None) -> None:
         if not namespace:
             raise ValueError("namespace: required")
         standalone = selector is not None or target_ports is not None
@@ -305,6 +316,9 @@ class KubernetesDiscovery:
         self._published: dict[str, int] | None = None
         self._live = False  # the first full sync is done: apply changes
         self._tasks: list[asyncio.Task[None]] = []
+        self._on_task_failure = on_task_failure
+        self._on_watch_error = on_watch_error
+        self._logs = LogLimiter(log)
 
     @property
     def spec(self) -> PoolSpec | None:
@@ -327,8 +341,15 @@ class KubernetesDiscovery:
         self._publish_objectives()
         self._pool.mark_synced()
         log.info("%s: synced, %d endpoints", self._where, len(self._pool))
-        self._tasks = [asyncio.create_task(r.run(), name=f"k8s-watch-{r.resource.plural}")
+        self._tasks = [asyncio.create_task(self._supervised_watch(r),
+                                           name=WATCH_TASK_PREFIX + r.resource.plural)
                        for r in self._reflectors()]
+
+    def _supervised_watch(self, r: Reflector[Any]) -> Coroutine[Any, Any, None]:
+        return supervised(r.run, task=WATCH_TASK_PREFIX + r.resource.plural,
+                          what=f"watch of {r.resource.qualified} for {self._where}",
+                          logs=self._logs, count=self._on_task_failure,
+                          backoff=SupervisorBackoff(*self._backoff))
 
     async def stop(self) -> None:
         """Stop watching and close the API client; the pool keeps its endpoints."""
@@ -358,7 +379,8 @@ class KubernetesDiscovery:
         def reflector(resource: Resource, lister: Any, convert: Any, on_change: Any,
                       **kwargs: Any) -> Reflector[Any]:
             return Reflector(resource, lister, convert, on_change,
-                             backoff=Backoff(*self._backoff), **kwargs,
+                             backoff=Backoff(*self._backoff), on_error=self._on_watch_error,
+                             **kwargs,
                              watch_timeout_s=self._watch_timeout_s,
                              list_timeout_s=self._list_timeout_s)
 
@@ -419,14 +441,17 @@ class KubernetesDiscovery:
                     relist = False
                 await step()
                 return
-            except WatchExpired:
+            except WatchExpired as exc:
+                r.count_error(error_reason(exc))
                 relist = True  # the list went stale before the watch opened
                 continue
             except KubeAPIError as exc:
                 if exc.status in _FATAL_AT_START:
                     raise
+                r.count_error(error_reason(exc))
                 problem = explain(exc)
             except TRANSIENT_ERRORS as exc:
+                r.count_error(error_reason(exc))
                 problem = f"{type(exc).__name__}: {exc}"
             log.warning("%s: start-up sync: %s; retrying", r.resource.qualified, problem)
             await asyncio.sleep(backoff.next_delay())

@@ -24,11 +24,14 @@ from typing import Any
 import yaml
 
 from epp.datastore import Endpoint, EndpointPool
+from epp.supervise import FailureCounter, LogLimiter, supervised
 
 log = logging.getLogger(__name__)
 
 # How often the file's mtime is checked; cheap (one stat) and fast enough for hand edits.
 DEFAULT_RELOAD_INTERVAL_S = 1.0
+# The watcher's kind in the background-failure count.
+ENDPOINTS_FILE_TASK = "endpoints-file"
 _ENDPOINT_KEYS = {"name", "address", "labels", "model", "kvEvents"}
 # One DNS label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -149,16 +152,21 @@ def load_endpoints_file(path: str | os.PathLike[str]) -> list[Endpoint]:
 class StaticDiscovery:
     """Feeds the pool from an endpoints file; on edits, applies the new list atomically.
 
-    An invalid edit is logged and ignored: the pool keeps the last good list.
+    An invalid edit is logged and ignored: the pool keeps the last good list. The watcher
+    is supervised: if it dies of anything else it is counted (``on_task_failure``),
+    logged, and restarted with backoff, and it then reads the file again.
     """
 
     def __init__(self, pool: EndpointPool, path: str | os.PathLike[str],
-                 reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S) -> None:
+                 reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S, *,
+                 on_task_failure: FailureCounter | None = None) -> None:
         self._pool = pool
         self._path = Path(path)
         self._interval = reload_interval_s
         self._mtime: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._on_task_failure = on_task_failure
+        self._logs = LogLimiter(log)
 
     async def start(self) -> None:
         """Load the file (errors propagate: a bad file fails start-up) and watch it."""
@@ -167,7 +175,11 @@ class StaticDiscovery:
         self._pool.mark_synced()
         log.info("loaded %d endpoints from %s", len(self._pool), self._path)
         if self._interval > 0:
-            self._task = asyncio.create_task(self._watch(), name="static-discovery")
+            self._task = asyncio.create_task(
+                supervised(self._watch, task=ENDPOINTS_FILE_TASK, what=f"watcher of {self._path}",
+                           logs=self._logs, count=self._on_task_failure,
+                           on_restart=self._forget_mtime),
+                name="static-discovery")
 
     async def stop(self) -> None:
         """Stop watching the file."""
@@ -182,6 +194,10 @@ class StaticDiscovery:
             return self._path.stat().st_mtime
         except OSError:
             return None
+
+    def _forget_mtime(self, _exc: Exception) -> None:
+        # The dead watcher may have recorded an edit it never applied: read the file again.
+        self._mtime = None
 
     async def _watch(self) -> None:
         while True:

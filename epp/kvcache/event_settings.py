@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epp.datastore import DEFAULT_KV_EVENTS_PORT
-from epp.kvcache.supervise import DEFAULT_RESTART_BACKOFF_MAX_S, DEFAULT_RESTART_BACKOFF_S
+from epp.supervise import DEFAULT_RESTART_BACKOFF_MAX_S, DEFAULT_RESTART_BACKOFF_S
 
 DEFAULT_PUB_PORT = DEFAULT_KV_EVENTS_PORT
 DEFAULT_REPLAY_PORT_OFFSET = 1  # vLLM examples put the replay ROUTER on 5558

@@ -37,7 +37,7 @@ from epp.kvcache.event_settings import (
 )
 from epp.kvcache.stream import EventStream, KVEventStats
 from epp.kvcache.subscriber import KVEventSubscriber
-from epp.kvcache.supervise import Backoff, LogLimiter, supervise
+from epp.supervise import Backoff, LogLimiter, supervise
 from epp.kvcache.types import EventSink
 from epp.kvcache.wire import TOPIC_PREFIX, parse_live, recv_frames, topic_address
 

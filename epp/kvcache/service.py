@@ -28,6 +28,7 @@ from epp.kvcache.tokens import (
 )
 from epp.tokenization.local import LocalTokenizer
 from epp.tokenization.qwen import ensure_qwen_tokenizer
+from epp.supervise import FailureCounter, LogLimiter, supervised
 from epp.tokenization.tiktoken_qwen import TiktokenQwenTokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 BUILTIN_TOKENIZERS = ("qwen3.6",)
 # How often the index bound follows the fleet's reported KV capacity.
 CAPACITY_REFRESH_S = 5.0
+# The resize loop's kind in the background-failure count.
+RESIZE_TASK = "kv-index-resize"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +57,20 @@ class KVCacheSettings:
 
 
 class KVCacheService:
-    """Owns the index and its feeders; the runner starts and stops it."""
+    """Owns the index and its feeders; the runner starts and stops it.
 
-    def __init__(self, settings: KVCacheSettings) -> None:
+    Without a configured capacity, a supervised loop resizes the index every
+    ``capacity_refresh_s`` to follow the fleet; if it dies it is counted
+    (``on_task_failure``), logged and restarted with backoff.
+    """
+
+    def __init__(self, settings: KVCacheSettings, *,
+                 capacity_refresh_s: float = CAPACITY_REFRESH_S,
+                 on_task_failure: FailureCounter | None = None) -> None:
         self.settings = settings
+        self._capacity_refresh_s = capacity_refresh_s
+        self._on_task_failure = on_task_failure
+        self._logs = LogLimiter(log)
         self.index = BlockIndex(model=settings.model,
                                 capacity_blocks=settings.capacity_blocks or DEFAULT_CAPACITY_BLOCKS)
         self.tokenizer: PromptTokenizer | None = None
@@ -96,7 +109,11 @@ class KVCacheService:
             bind=s.kv_events_bind)
         await self.manager.start()
         if s.capacity_blocks is None:
-            self._resizer = asyncio.create_task(self._resize_loop(pool), name="kv-index-size")
+            self._resizer = asyncio.create_task(
+                supervised(lambda: self._resize_loop(pool), task=RESIZE_TASK,
+                           what="index resize loop", logs=self._logs,
+                           count=self._on_task_failure),
+                name="kv-index-size")
 
     async def _resize_loop(self, pool: EndpointPool) -> None:
         # The fleet's GPU capacity is the sum of its engines' num_gpu_blocks (from
@@ -106,7 +123,7 @@ class KVCacheService:
             total = sum(e.state.metrics.num_gpu_blocks or 0 for e in pool.snapshot())
             if total:
                 self.index.capacity_blocks = 2 * total
-            await asyncio.sleep(CAPACITY_REFRESH_S)
+            await asyncio.sleep(self._capacity_refresh_s)
 
     def event_stats(self) -> dict[str, Any]:
         """Per-endpoint KV-event counters (for metrics); central mode adds the endpoint

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from epp.kvcache.event_settings import KVEventsSettings
 from epp.kvcache.events import KVEventDecodeError, decode_batch
-from epp.kvcache.supervise import LogLimiter
+from epp.supervise import LogLimiter
 from epp.kvcache.types import EventSink
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import zmq.asyncio
 from epp.datastore import Endpoint
 from epp.kvcache.event_settings import KVEventsSettings
 from epp.kvcache.stream import EventStream, KVEventStats, ReplayTimeout
-from epp.kvcache.supervise import Backoff, LogLimiter, supervise
+from epp.supervise import Backoff, LogLimiter, supervise
 from epp.kvcache.types import EventSink
 from epp.kvcache.wire import (
     END_SEQ,

@@ -106,10 +106,29 @@ class EppMetrics:
             "Requests routed without the precise prefix match, by reason (deadline: the "
             "prefix step ran out of time; error: a producer raised; unavailable: a "
             "producer had no result, e.g. no tokens).", ("reason",), registry=r)
+        self.background_failures = Counter(
+            "epp_background_task_failures",
+            "Unexpected failures of a supervised background task (each is logged and the "
+            "task restarted with backoff), by task kind: scraper, k8s-watch-<resource>, "
+            "endpoints-file, kv-index-resize.", ("task",), registry=r)
+        self.watch_errors = Counter(
+            "epp_discovery_watch_errors",
+            "Retried failures of a Kubernetes list or watch, by resource and reason "
+            "(connection, timeout, expired: 410 Gone and a relist, http: an error status, "
+            "malformed: an unreadable answer, closed-early: a watch ended at once).",
+            ("resource", "reason"), registry=r)
 
     def count_pd_decision(self, decision: str) -> None:
         """The P/D handler's decision counter."""
         self.pd_decisions.labels(decision).inc()
+
+    def count_background_failure(self, task: str) -> None:
+        """A supervised background task of kind ``task`` died and is being restarted."""
+        self.background_failures.labels(task).inc()
+
+    def count_watch_error(self, resource: str, reason: str) -> None:
+        """A Kubernetes list or watch of ``resource`` failed for ``reason`` (retried)."""
+        self.watch_errors.labels(resource, reason).inc()
 
     def model_label(self, name: str) -> str:
         """The label value for requests naming ``name``: itself when the pool serves it,

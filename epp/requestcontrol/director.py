@@ -18,7 +18,7 @@ from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
-from epp.kvcache.supervise import LogLimiter
+from epp.supervise import LogLimiter
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError

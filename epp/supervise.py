@@ -1,6 +1,10 @@
-"""Supervision for the KV-event background loops: a loop that dies is reported and
-restarted after a capped, jittered exponential backoff; and a log limiter so a fault
-that repeats per message is one line per interval, not a traceback storm."""
+"""Supervision for the EPP's background loops (KV-event subscribers, metrics pollers,
+Kubernetes watches, the endpoints-file watcher, the KV index resizer): a loop that dies
+is reported and restarted after a capped, jittered exponential backoff; and a log
+limiter so a fault that repeats per message is one line per interval, not a traceback
+storm.
+
+A leaf module: it imports nothing from ``epp``, so every layer may use it."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 # First wait after a crash: long enough that a fault which repeats at once (a bad
 # address, a socket error) costs two log lines a second at most, short enough that a
@@ -24,7 +29,7 @@ RESTART_JITTER = 0.2
 # first step again instead of continuing to double. Twice the longest wait, so a loop
 # that fails on every start never counts as healthy.
 HEALTHY_RUN_S = 2 * DEFAULT_RESTART_BACKOFF_MAX_S
-# At most one warning per kind per subscriber per interval.
+# At most one warning per key (a kind of fault, of one task) per interval.
 LOG_INTERVAL_S = 10.0
 
 
@@ -100,3 +105,31 @@ async def supervise(run: Callable[[], Awaitable[None]], backoff: Backoff,
             delay = backoff.next()
             on_failure(exc, delay)
         await asyncio.sleep(delay)
+
+
+FailureCounter = Callable[[str], None]
+"""Counts one unexpected failure of a background task, given its kind (``scraper``,
+``endpoints-file``, ...): a small fixed set, so it can be a metric label."""
+
+
+def supervised(run: Callable[[], Awaitable[None]], *, task: str, what: str,
+               logs: LogLimiter, count: FailureCounter | None = None,
+               backoff: Backoff | None = None,
+               on_restart: Callable[[Exception], None] | None = None) -> Coroutine[Any, Any, None]:
+    """:func:`supervise` ``run`` with the usual reporting: each unexpected exception is
+    counted as ``count(task)``, logged (rate-limited per task and exception type, with
+    ``what`` naming the endpoint or resource) and followed by ``on_restart(exc)`` (to drop
+    state the dead loop may have left half-updated) before the backoff.
+
+    The log key leaves out ``what``: one fault in many endpoints is one line per interval,
+    and departed endpoints leave no keys behind."""
+    def on_failure(exc: Exception, delay: float) -> None:
+        if count is not None:
+            count(task)
+        if on_restart is not None:
+            on_restart(exc)
+        logs.warning(f"{task} {type(exc).__name__}",
+                     "%s: %s died (%s: %s); restarting in %.1f s", task, what,
+                     type(exc).__name__, exc, delay, exc_info=True)
+
+    return supervise(run, backoff if backoff is not None else Backoff(), on_failure)
