@@ -93,6 +93,10 @@ class _AdvertisedSettings(h2.settings.Settings):
     def max_concurrent_streams(self) -> int:
         return 2**31 - 1
 
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
 
 class _Stream:
     """One gRPC call: an ext_proc ProtocolStream plus framing and ordering state."""

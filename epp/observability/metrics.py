@@ -26,6 +26,9 @@ _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
 MAX_MODEL_LABELS = 200
 # The label value of requests for models that have no series of their own.
 OTHER_MODEL = "__other__"
+# Longest model name given a series: HF repo ids are at most 96 characters, LoRA names
+# are shorter; a longer name is no model a pod serves, and a label value is kept in full.
+MAX_MODEL_LABEL_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +165,8 @@ class EppMetrics:
 
     def confirm_model(self, name: str) -> None:
         """A model the pool served (a 2xx answer): give it series, within the cap."""
-        if name and name not in self._served and len(self._served) < MAX_MODEL_LABELS:
+        if name and name not in self._served and len(self._served) < MAX_MODEL_LABELS \
+                and len(name) <= MAX_MODEL_LABEL_CHARS:
             self._served.add(name)
 
     def forget_endpoint(self, endpoint: str) -> None:

@@ -268,6 +268,8 @@ async def test_client_chosen_model_names_cannot_grow_the_metric_series() -> None
     for i in range(2000):  # names the pool does not serve: the engine answers 404
         await _exchange(director, f"bogus-{i}", 404)
     assert _model_labels(metrics) == {OTHER_MODEL}
+    await _exchange(director, "x" * 10_000, 200)  # no served model has such a name
+    assert _model_labels(metrics) == {OTHER_MODEL}
     await _exchange(director, "m", 200)  # a served model earns its series on a 2xx ...
     await _exchange(director, "m", 200)
     assert _model_labels(metrics) == {OTHER_MODEL, "m"}
