@@ -161,15 +161,15 @@ current-context: fake
         await asyncio.to_thread(stack.start_epp, (), [
             "--pool-name", POOL, "--pool-namespace", NS, "--kubeconfig", str(kubeconfig)])
         await asyncio.to_thread(stack.start_envoy)
-        load = Load(stack.url).start()
+        traffic = load = Load(stack.url).start()
         start = time.monotonic()
-        for i in (0, 1):
-            await eventually(lambda i=i: served_by(load, addr[i], start), f"traffic on pod {i}")
+        await eventually(lambda: served_by(traffic, addr[0], start), "traffic on pod 0")
+        await eventually(lambda: served_by(traffic, addr[1], start), "traffic on pod 1")
 
         # A pod is added: it gets traffic.
         added = time.monotonic()
         kube.apply("pods", make_pod("vllm-2", ips[2], LABELS, namespace=NS))
-        await eventually(lambda: served_by(load, addr[2], added), "traffic on the new pod 2")
+        await eventually(lambda: served_by(traffic, addr[2], added), "traffic on the new pod 2")
 
         # A pod goes not-ready, then ready again.
         def readiness(ready: bool) -> Callable[[dict[str, Any]], None]:
@@ -179,12 +179,12 @@ current-context: fake
 
         not_ready = time.monotonic()
         kube.patch("pods", "vllm-1", readiness(False), namespace=NS)
-        await eventually(lambda: answered_after(load, not_ready + ROUTE_GRACE_S) >= AFTER_GRACE,
+        await eventually(lambda: answered_after(traffic, not_ready + ROUTE_GRACE_S) >= AFTER_GRACE,
                          "traffic after pod 1 went not-ready")
         ready = time.monotonic()
         kube.patch("pods", "vllm-1", readiness(True), namespace=NS)
         absences.append((addr[1], not_ready, ready))
-        await eventually(lambda: served_by(load, addr[1], ready), "traffic on pod 1 again")
+        await eventually(lambda: served_by(traffic, addr[1], ready), "traffic on pod 1 again")
 
         # One pod is added while another is deleted; the deleted one's process ends once
         # its routes have drained.
@@ -192,21 +192,21 @@ current-context: fake
         kube.apply("pods", make_pod("vllm-3", ips[3], LABELS, namespace=NS))
         kube.delete("pods", "vllm-0", namespace=NS)
         absences.append((addr[0], deleted, None))
-        await eventually(lambda: served_by(load, addr[3], deleted), "traffic on the new pod 3")
-        await eventually(lambda: answered_after(load, deleted + ROUTE_GRACE_S) >= AFTER_GRACE,
+        await eventually(lambda: served_by(traffic, addr[3], deleted), "traffic on the new pod 3")
+        await eventually(lambda: answered_after(traffic, deleted + ROUTE_GRACE_S) >= AFTER_GRACE,
                          "traffic after pod 0 was deleted")
         await asyncio.to_thread(sims[0].stop)
         stopped = time.monotonic()
-        await eventually(lambda: answered_after(load, stopped) >= AFTER_GRACE,
+        await eventually(lambda: answered_after(traffic, stopped) >= AFTER_GRACE,
                          "traffic after pod 0 stopped")
 
         # Another deletion: the pool shrinks to two.
         deleted = time.monotonic()
         kube.delete("pods", "vllm-2", namespace=NS)
         absences.append((addr[2], deleted, None))
-        await eventually(lambda: answered_after(load, deleted + ROUTE_GRACE_S) >= AFTER_GRACE,
+        await eventually(lambda: answered_after(traffic, deleted + ROUTE_GRACE_S) >= AFTER_GRACE,
                          "traffic after pod 2 was deleted")
-        results = await asyncio.to_thread(load.stop)
+        results = await asyncio.to_thread(traffic.stop)
         load = None
         page = (await asyncio.to_thread(
             request, f"http://127.0.0.1:{stack.ports.epp_metrics}/metrics")).body.decode()
