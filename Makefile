@@ -46,6 +46,18 @@ test-vllm: $(STAMP) $(VLLM_STAMP)
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
+# Robustness runs too long for `make test`: 10,000+ fuzz sequences per property, faulty
+# pods through Envoy, and the 30-minute soak (pod kills, endpoint churn, RSS over time).
+.PHONY: bench-fuzz bench-faults bench-soak
+bench-fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz.py
+
+bench-faults: $(STAMP)
+	$(PY) benchmarks/faults.py
+
+bench-soak: $(STAMP)
+	$(PY) benchmarks/soak.py --kill-every 180 --churn-every 150
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
 
