@@ -53,8 +53,8 @@ helm upgrade --install --kube-context "${CONTEXT}" --namespace kgateway-system \
   --version "${KGATEWAY_VERSION}" kgateway oci://cr.kgateway.dev/kgateway-dev/charts/kgateway \
   --set inferenceExtension.enabled=true --wait --timeout 5m
 
-log "image ${IMAGE} (deploy/Dockerfile; the first build downloads the dependencies)"
-docker build -f "${ROOT}/deploy/Dockerfile" -t "${IMAGE}" "${ROOT}"
+log "image ${IMAGE} (Dockerfile; the first build downloads the dependencies)"
+docker build -f "${ROOT}/Dockerfile" -t "${IMAGE}" "${ROOT}"
 kind load docker-image "${IMAGE}" --name "${CLUSTER_NAME}"
 
 log "sim overlay into namespace ${NAMESPACE}"

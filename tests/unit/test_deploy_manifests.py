@@ -1165,7 +1165,7 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Dockerfile and .dockerignore
 
-DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERFILE = ROOT / "Dockerfile"  # at the top level, where `docker build .` finds it
 EPP_IMAGE = "epp:dev"
 
 

@@ -1,6 +1,6 @@
 # The endpoint picker image. Build from the repository root:
-#   docker build -f deploy/Dockerfile -t epp:dev .                 # `epp` (default target)
-#   docker build -f deploy/Dockerfile --target sim -t epp-sim:dev . # `epp-sim` as entrypoint
+#   docker build -t epp:dev .                 # `epp` (default target)
+#   docker build --target sim -t epp-sim:dev . # `epp-sim` as entrypoint
 # Both console scripts are in either image: Kubernetes runs the simulated pods from the
 # default image with `command: [epp-sim]`.
 
