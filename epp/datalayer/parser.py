@@ -1,4 +1,9 @@
-"""Read the few series an endpoint picker needs out of a vLLM ``/metrics`` page.
+"""Read the few series an endpoint picker needs out of a model server's ``/metrics`` page.
+
+Which series those are is an :class:`EngineMetrics`: vLLM's names by default
+(:data:`VLLM_METRICS`); other engines name them differently (:data:`SGLANG_METRICS`), and
+the upstream picker's ``--total-queued-requests-metric`` style flags give any name as a
+``name{label=value,...}`` spec (:func:`parse_metric_spec`) whose labels select series.
 
 A vLLM page is tens of KB, mostly histogram buckets we never look at. Instead of
 tokenizing every line, each wanted metric name is located with ``bytes.find`` (a C-speed
@@ -28,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from epp.datastore.metrics import ServerMetrics
 
@@ -54,31 +60,113 @@ Labels = dict[str, str]
 
 
 class MetricsParseError(ValueError):
-    """A ``/metrics`` page that does not hold the vLLM series we need, or holds them malformed."""
+    """A ``/metrics`` page that does not hold the series we need, or holds them malformed."""
 
 
-def parse_metrics(page: bytes, *, scraped_at: float = 0.0) -> ServerMetrics:
-    """Parse a vLLM Prometheus text page into ``ServerMetrics``.
+_SPEC = re.compile(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*")
+_SPEC_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*("?)([^",{}=]*)\2\s*')
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric by name, optionally narrowed to the series carrying ``labels``."""
+
+    name: bytes
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.labels:
+            return self.name.decode()
+        return self.name.decode() + "{" + ",".join(f"{k}={v}" for k, v in self.labels) + "}"
+
+    def matches(self, labels: Labels) -> bool:
+        """Whether a series with ``labels`` is one this spec selects."""
+        return all(labels.get(key) == value for key, value in self.labels)
+
+
+def parse_metric_spec(text: str) -> MetricSpec | None:
+    """A spec in the upstream picker's flag syntax: ``name`` or ``name{label=value,...}``
+    (values optionally double-quoted). The empty string means "not scraped" (None)."""
+    if not text.strip():
+        return None
+    match = _SPEC.fullmatch(text)
+    if match is None:
+        raise ValueError(f"invalid metric spec {text!r} (expected name or name{{label=value}})")
+    labels: list[tuple[str, str]] = []
+    block = match.group(2)
+    if block is not None and block.strip():
+        for pair in block.split(","):
+            label = _SPEC_LABEL.fullmatch(pair)
+            value = label.group(3).strip() if label is not None else ""
+            if label is None or not value:
+                raise ValueError(f"invalid label {pair.strip()!r} in metric spec {text!r}")
+            labels.append((label.group(1), value))
+    return MetricSpec(match.group(1).encode(), tuple(labels))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """Which series of a page carry queue depth, running requests, KV-cache usage (a
+    fraction in [0, 1]), LoRA adapters and cache configuration. ``None`` for the last
+    three: the engine does not publish it (usage then reads 0.0, LoRA and cache config
+    stay unknown). LoRA and cache-config series must use vLLM's label names."""
+
+    waiting: MetricSpec
+    running: MetricSpec
+    kv_cache_usage: MetricSpec | None
+    lora_info: MetricSpec | None = None
+    cache_info: MetricSpec | None = None
+
+    @classmethod
+    def from_specs(cls, waiting: str, running: str, kv_cache_usage: str, lora_info: str = "",
+                   cache_info: str = "") -> EngineMetrics:
+        """From spec strings (the upstream flags); raises ``ValueError`` naming a bad one."""
+        queue, run = parse_metric_spec(waiting), parse_metric_spec(running)
+        if queue is None or run is None:
+            raise ValueError("the queued- and running-requests metrics cannot be empty")
+        return cls(queue, run, parse_metric_spec(kv_cache_usage),
+                   parse_metric_spec(lora_info), parse_metric_spec(cache_info))
+
+
+# vLLM's names (the upstream picker's flag defaults).
+VLLM_METRICS = EngineMetrics(MetricSpec(WAITING), MetricSpec(RUNNING), MetricSpec(KV_CACHE_USAGE),
+                             MetricSpec(LORA_INFO), MetricSpec(CACHE_CONFIG_INFO))
+# SGLang's: ``token_usage`` is the fraction of its KV token pool in use; it publishes no
+# LoRA or cache-config info series.
+SGLANG_METRICS = EngineMetrics(MetricSpec(b"sglang:num_queue_reqs"),
+                               MetricSpec(b"sglang:num_running_reqs"),
+                               MetricSpec(b"sglang:token_usage"))
+
+
+def parse_metrics(page: bytes, *, scraped_at: float = 0.0,
+                  names: EngineMetrics = VLLM_METRICS) -> ServerMetrics:
+    """Parse a Prometheus text page into ``ServerMetrics`` (vLLM's names by default).
 
     ``scraped_at`` is stored as is (the caller passes ``time.monotonic()`` of the scrape).
     Raises ``MetricsParseError`` when a queue or KV-usage metric is missing or any needed
     line is malformed; the LoRA and cache-config series are optional (vLLM emits the first
     only with LoRA enabled).
     """
-    waiting = _required_sum(page, WAITING)
-    running = _required_sum(page, RUNNING)
-    usage_name = KV_CACHE_USAGE if _has_series(page, KV_CACHE_USAGE) else KV_CACHE_USAGE_LEGACY
-    usages = [_fraction(usage_name, value) for _, value in _samples(page, usage_name, False)]
-    if not usages:
-        raise MetricsParseError(
-            f"page has no {KV_CACHE_USAGE.decode()} (or {KV_CACHE_USAGE_LEGACY.decode()}) series"
-        )
-    running_loras, waiting_loras, max_lora = _lora_info(page)
-    block_size, num_gpu_blocks = _cache_config(page)
+    waiting = _required_sum(page, names.waiting)
+    running = _required_sum(page, names.running)
+    usage = 0.0
+    if names.kv_cache_usage is not None:
+        usage_spec = names.kv_cache_usage
+        if usage_spec == VLLM_METRICS.kv_cache_usage and not _has_series(page, KV_CACHE_USAGE):
+            usage_spec = MetricSpec(KV_CACHE_USAGE_LEGACY)
+        usages = [_fraction(usage_spec.name, value)
+                  for _, value in _selected(page, usage_spec, False)]
+        if not usages:
+            missing = f"{usage_spec}" if usage_spec.name != KV_CACHE_USAGE_LEGACY else (
+                f"{KV_CACHE_USAGE.decode()} (or {KV_CACHE_USAGE_LEGACY.decode()})")
+            raise MetricsParseError(f"page has no {missing} series")
+        usage = min(1.0, sum(usages) / len(usages))
+    running_loras, waiting_loras, max_lora = _lora_info(page, names.lora_info)
+    block_size, num_gpu_blocks = _cache_config(page, names.cache_info)
     return ServerMetrics(
         waiting=waiting,
         running=running,
-        kv_cache_usage=min(1.0, sum(usages) / len(usages)),
+        kv_cache_usage=usage,
         running_loras=running_loras,
         waiting_loras=waiting_loras,
         max_lora=max_lora,
@@ -147,6 +235,17 @@ def _samples(page: bytes, name: bytes, want_labels: bool) -> Iterator[tuple[Labe
         yield labels, value
 
 
+def _selected(page: bytes, spec: MetricSpec, want_labels: bool
+              ) -> Iterator[tuple[Labels, float]]:
+    """The series of ``spec.name`` whose labels match the spec's."""
+    if not spec.labels:
+        yield from _samples(page, spec.name, want_labels)
+        return
+    for labels, value in _samples(page, spec.name, True):
+        if spec.matches(labels):
+            yield labels, value
+
+
 def _decode(name: bytes, raw: bytes) -> str:
     try:
         return raw.decode()
@@ -174,16 +273,16 @@ def _unescape(value: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), value)
 
 
-def _required_sum(page: bytes, name: bytes) -> int:
+def _required_sum(page: bytes, spec: MetricSpec) -> int:
     total = 0.0
     found = False
-    for _, value in _samples(page, name, False):
+    for _, value in _selected(page, spec, False):
         if not math.isfinite(value) or value < 0:
-            raise MetricsParseError(f"{name.decode()}: expected a count >= 0, got {value!r}")
+            raise MetricsParseError(f"{spec}: expected a count >= 0, got {value!r}")
         total += value
         found = True
     if not found:
-        raise MetricsParseError(f"page has no {name.decode()} series")
+        raise MetricsParseError(f"page has no {spec} series")
     return round(total)
 
 
@@ -193,15 +292,18 @@ def _fraction(name: bytes, value: float) -> float:
     return value
 
 
-def _lora_info(page: bytes) -> tuple[frozenset[str], frozenset[str], int]:
+def _lora_info(page: bytes, spec: MetricSpec | None
+               ) -> tuple[frozenset[str], frozenset[str], int]:
     best: tuple[float, Labels] | None = None
-    for labels, stamp in _samples(page, LORA_INFO, True):
+    if spec is None:
+        return frozenset(), frozenset(), 0
+    for labels, stamp in _selected(page, spec, True):
         if best is None or stamp > best[0]:
             best = (stamp, labels)
     if best is None:
         return frozenset(), frozenset(), 0
     labels = best[1]
-    max_lora = _int_label(LORA_INFO, labels, "max_lora", required=True)
+    max_lora = _int_label(spec.name, labels, "max_lora", required=True)
     assert max_lora is not None
     running = _adapters(labels, "running_lora_adapters")
     return running, _adapters(labels, "waiting_lora_adapters"), max_lora
@@ -211,19 +313,21 @@ def _adapters(labels: Labels, key: str) -> frozenset[str]:
     return frozenset(name.strip() for name in labels.get(key, "").split(",") if name.strip())
 
 
-def _cache_config(page: bytes) -> tuple[int | None, int | None]:
+def _cache_config(page: bytes, spec: MetricSpec | None) -> tuple[int | None, int | None]:
     block_size: int | None = None
     blocks: list[int] = []
-    for labels, _ in _samples(page, CACHE_CONFIG_INFO, True):
-        size = _int_label(CACHE_CONFIG_INFO, labels, "block_size", required=False)
+    if spec is None:
+        return None, None
+    for labels, _ in _selected(page, spec, True):
+        size = _int_label(spec.name, labels, "block_size", required=False)
         if size is not None:
             if block_size is not None and size != block_size:
                 raise MetricsParseError(
-                    f"{CACHE_CONFIG_INFO.decode()}: engines disagree on block_size "
+                    f"{spec.name.decode()}: engines disagree on block_size "
                     f"({block_size} vs {size})"
                 )
             block_size = size
-        count = _int_label(CACHE_CONFIG_INFO, labels, "num_gpu_blocks", required=False)
+        count = _int_label(spec.name, labels, "num_gpu_blocks", required=False)
         if count is not None:
             blocks.append(count)
     return block_size, (sum(blocks) if blocks else None)

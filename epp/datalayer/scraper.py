@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.datalayer.parser import MetricsParseError, parse_metrics
+from epp.datalayer.parser import VLLM_METRICS, EngineMetrics, MetricsParseError, parse_metrics
 from epp.datastore.endpoint import Endpoint
 from epp.datastore.metrics import EndpointState
 from epp.datastore.pool import EndpointPool
@@ -87,6 +87,8 @@ class _ScrapeFailure(Exception):
 class MetricsScraper:
     """Keeps the metrics of every endpoint in ``pool`` fresh by polling ``path``.
 
+    ``metric_names`` says which series to read (vLLM's by default).
+
     ``stale_after_s`` defaults to ``STALE_AFTER_INTERVALS * interval_s``. Call ``start()``
     and ``stop()`` on the event loop that mutates the pool (its listener creates tasks).
     """
@@ -101,6 +103,7 @@ class MetricsScraper:
         stale_after_s: float | None = None,
         accept_gzip: bool = False,
         on_task_failure: FailureCounter | None = None,
+        metric_names: EngineMetrics = VLLM_METRICS,
     ) -> None:
         if not interval_s > 0 or not timeout_s > 0:
             raise ValueError(
@@ -117,6 +120,7 @@ class MetricsScraper:
         self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._path = path
+        self._names = metric_names
         self._stale_after_s = stale_after_s
         self._headers = {
             "Accept": "text/plain",  # the 0.0.4 text format, not OpenMetrics
@@ -260,7 +264,7 @@ class MetricsScraper:
                 if response.status != 200:
                     raise _ScrapeFailure(f"HTTP {response.status} {response.reason or ''}".strip())
                 page = await _read_page(response)
-            metrics = parse_metrics(page, scraped_at=time.monotonic())
+            metrics = parse_metrics(page, scraped_at=time.monotonic(), names=self._names)
         except TimeoutError:
             return f"timed out after {self._timeout_s:g} s"
         except aiohttp.ClientConnectorError as exc:
