@@ -54,8 +54,9 @@ class App:
         self.health = HealthReporter()
         self.picker_config = build_picker_config(settings, self.metrics)
         sat = self.picker_config.saturation
-        detector = SaturationDetector(sat.queue_depth_threshold, sat.kv_cache_util_threshold,
-                                      settings.metrics_stale_after_s)
+        detector = SaturationDetector(
+            sat.queue_depth_threshold, sat.kv_cache_util_threshold,
+            settings.metrics_stale_after_s if sat.stale_after_s is None else sat.stale_after_s)
         admission = Admission(self.picker_config.objectives, detector)
         cfg = self.picker_config
         # The precise scorer names its settings; the runner owns the services behind it.
@@ -71,6 +72,9 @@ class App:
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
                                       stale_after_s=settings.metrics_stale_after_s,
+                                      scheme=cfg.metrics_source.scheme,
+                                      path=cfg.metrics_source.path,
+                                      verify_tls=cfg.metrics_source.verify_tls,
                                       on_task_failure=failed)
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2ExtProcServer | None = None

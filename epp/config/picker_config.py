@@ -15,6 +15,17 @@ import msgspec
 import yaml
 
 from epp.config.settings import ConfigError
+from epp.config.upstream import (
+    NOT_IMPLEMENTED,
+    PARSER_TYPES,
+    CoreMetricsExtractor,
+    MetricsDataSource,
+    MetricsSourceSettings,
+    UtilizationDetector,
+    add_config_only_plugins,
+    is_config_only,
+    parse_feature_gates,
+)
 from epp.kvcache.service import KVCacheSettings
 from epp.scheduling.plugins import default_registry
 from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
@@ -91,8 +102,48 @@ class ProfileSpec(_Spec):
 
 
 class SaturationSpec(_Spec):
-    queue_depth_threshold: int = DEFAULT_QUEUE_DEPTH_THRESHOLD
-    kv_cache_util_threshold: float = DEFAULT_KV_CACHE_UTIL_THRESHOLD
+    # Upstream names a utilization-detector plugin; the inline thresholds are GIE's
+    # older form, still accepted.
+    plugin_ref: str | None = None
+    queue_depth_threshold: int | None = None
+    kv_cache_util_threshold: float | None = None
+
+
+class RefSpec(_Spec):
+    plugin_ref: str
+
+
+class RequestHandlerSpec(_Spec):
+    parsers: list[RefSpec] = []
+
+
+class DataSourceSpec(_Spec):
+    plugin_ref: str
+    extractors: list[RefSpec] = []
+
+
+class DataLayerSpec(_Spec):
+    inject_defaults: bool | None = None
+    sources: list[DataSourceSpec] = []
+    # Upstream fields with no implementation here: refused by name when set.
+    discovery: Any = None
+    peer_discovery: Any = None
+    cross_replica_syncer_plugin_ref: Any = None
+    cross_replica_sync_interval: Any = None
+
+
+class FlowControlSpec(_Spec):
+    saturation_detector: SaturationSpec | None = None
+    # Queueing settings: inert unless the flowControl gate is on, which is refused here.
+    max_bytes: Any = None
+    max_requests: Any = None
+    default_request_ttl: Any = msgspec.field(default=None, name="defaultRequestTTL")
+    no_endpoint_request_ttl: Any = msgspec.field(default=None, name="noEndpointRequestTTL")
+    default_priority_band: Any = None
+    default_negative_priority_band: Any = None
+    priority_bands: Any = None
+    usage_limit_policy_plugin_ref: Any = None
+    enable_eviction: Any = None
 
 
 class ObjectiveSpec(_Spec):
@@ -108,6 +159,12 @@ class ConfigSpec(_Spec):
     saturation_detector: SaturationSpec | None = None
     objectives: list[ObjectiveSpec] = []
     feature_gates: list[str] = []
+    request_handler: RequestHandlerSpec | None = None
+    parser: RefSpec | None = None  # upstream's deprecated form of requestHandler.parsers
+    # GIE called the data-layer section ``data``; llm-d-router renamed it ``dataLayer``.
+    data: DataLayerSpec | None = None
+    data_layer: DataLayerSpec | None = None
+    flow_control: FlowControlSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +173,19 @@ class SaturationSettings:
 
     queue_depth_threshold: int = DEFAULT_QUEUE_DEPTH_THRESHOLD
     kv_cache_util_threshold: float = DEFAULT_KV_CACHE_UTIL_THRESHOLD
+    # Metrics older than this count as saturated; None: the process-wide staleness.
+    stale_after_s: float | None = None
 
 
 @dataclass(slots=True)
 class PickerConfig:
-    """A compiled config: a ready scheduler plus admission settings."""
+    """A compiled config: a ready scheduler plus admission and scraping settings."""
 
     scheduler: Scheduler
     saturation: SaturationSettings
     objectives: dict[str, int] = field(default_factory=dict)
     plugins: dict[str, Any] = field(default_factory=dict)
+    metrics_source: MetricsSourceSettings = field(default_factory=MetricsSourceSettings)
 
     @property
     def pre_request(self) -> list[Any]:
@@ -179,7 +239,11 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         source = "built-in default config"
     spec = _spec_from_text(text, source)
     deps = deps or PluginDeps()
-    registry = registry or default_registry()
+    registry = add_config_only_plugins(registry or default_registry())
+    try:
+        parse_feature_gates(spec.feature_gates)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: featureGates: {exc}") from None
 
     plugins: dict[str, Any] = {}
     for i, p in enumerate(spec.plugins):
@@ -187,6 +251,9 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         where = f"{source}: plugins[{i}]"
         if name in plugins:
             raise ConfigError(f"{where}.name: duplicate plugin name {name!r}")
+        if p.type in NOT_IMPLEMENTED and p.type not in registry.known():
+            raise ConfigError(f"{where}.type ({p.type}): not implemented here; use "
+                              f"{NOT_IMPLEMENTED[p.type]}")
         try:
             plugins[name] = registry.create(p.type, name, p.parameters, deps)
         except PluginConfigError as exc:
@@ -219,11 +286,10 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         scheduler = Scheduler(profiles, handler, timer)
     except ValueError as exc:
         raise ConfigError(f"{source}: schedulingProfiles: {exc}") from None
-    sat = spec.saturation_detector or SaturationSpec()
-    if sat.queue_depth_threshold < 1:
-        raise ConfigError(f"{source}: saturationDetector.queueDepthThreshold must be >= 1")
-    if not 0 < sat.kv_cache_util_threshold <= 1:
-        raise ConfigError(f"{source}: saturationDetector.kvCacheUtilThreshold must be in (0, 1]")
+    saturation = _saturation(spec, plugins, registry, deps, source, used)
+    _check_parsers(spec, plugins, registry, deps, source, used)
+    metrics_source = _metrics_source(spec, plugins, registry, deps, source, used)
+    _check_flow_control(spec.flow_control, source)
     objectives: dict[str, int] = {}
     for i, obj in enumerate(spec.objectives):
         if obj.name in objectives:
@@ -231,15 +297,153 @@ def load_picker_config(text: str | None = None, *, source: str = "config",
         objectives[obj.name] = obj.priority
     compiled = PickerConfig(
         scheduler=scheduler,
-        saturation=SaturationSettings(sat.queue_depth_threshold, sat.kv_cache_util_threshold),
+        saturation=saturation,
         objectives=objectives,
         plugins=plugins,
+        metrics_source=metrics_source,
     )
-    # Hooks (pre-request, response-complete) work outside profiles.
+    # Hooks (pre-request, response-complete) work outside profiles; data-layer and
+    # parser plugins configure fixed parts of the EPP.
     used |= {p.name for p in (*compiled.pre_request, *compiled.response_complete)}
+    used |= {name for name, p in plugins.items() if is_config_only(p)}
     for name in plugins.keys() - used:
         log.warning("%s: plugin %r is defined but no profile uses it", source, name)
     return compiled
+
+
+def _referenced(ref: str, plugins: dict[str, Any], registry: PluginRegistry,
+                deps: PluginDeps, where: str, default_types: frozenset[str]) -> Any:
+    """The plugin ``ref`` names; as upstream does, an undefined reference that is the type
+    name of a config-only default (``openai-parser``, ``utilization-detector``...) creates
+    it with default parameters."""
+    plugin = plugins.get(ref)
+    if plugin is not None:
+        return plugin
+    if ref in NOT_IMPLEMENTED:
+        raise ConfigError(f"{where}: {ref} is not implemented here; use {NOT_IMPLEMENTED[ref]}")
+    if ref not in default_types:
+        raise ConfigError(f"{where}: no plugin named {ref!r} "
+                          f"(defined: {', '.join(sorted(plugins)) or 'none'})")
+    plugins[ref] = registry.create(ref, ref, None, deps)
+    return plugins[ref]
+
+
+def _saturation(spec: ConfigSpec, plugins: dict[str, Any], registry: PluginRegistry,
+                deps: PluginDeps, source: str, used: set[str]) -> SaturationSettings:
+    # Upstream reads flowControl.saturationDetector first, the top-level one otherwise.
+    where = "saturationDetector"
+    sat = spec.saturation_detector
+    if spec.flow_control is not None and spec.flow_control.saturation_detector is not None:
+        where, sat = "flowControl.saturationDetector", spec.flow_control.saturation_detector
+    if sat is None:
+        return SaturationSettings()
+    if sat.plugin_ref is not None:
+        if sat.queue_depth_threshold is not None or sat.kv_cache_util_threshold is not None:
+            raise ConfigError(f"{source}: {where}: give pluginRef or the thresholds, not both "
+                              "(thresholds belong in the detector plugin's parameters)")
+        detector = _referenced(sat.plugin_ref, plugins, registry, deps,
+                               f"{source}: {where}.pluginRef",
+                               frozenset({UtilizationDetector.type_name}))
+        if not isinstance(detector, UtilizationDetector):
+            raise ConfigError(f"{source}: {where}.pluginRef: {sat.plugin_ref!r} "
+                              f"({detector.type_name}) is not a saturation detector; use "
+                              f"a {UtilizationDetector.type_name} plugin")
+        used.add(detector.name)
+        return SaturationSettings(detector.queue_depth_threshold,
+                                  detector.kv_cache_util_threshold, detector.stale_after_s)
+    queue = DEFAULT_QUEUE_DEPTH_THRESHOLD if sat.queue_depth_threshold is None \
+        else sat.queue_depth_threshold
+    kv = DEFAULT_KV_CACHE_UTIL_THRESHOLD if sat.kv_cache_util_threshold is None \
+        else sat.kv_cache_util_threshold
+    if queue < 1:
+        raise ConfigError(f"{source}: {where}.queueDepthThreshold must be >= 1")
+    if not 0 < kv <= 1:
+        raise ConfigError(f"{source}: {where}.kvCacheUtilThreshold must be in (0, 1]")
+    return SaturationSettings(queue, kv)
+
+
+def _check_parsers(spec: ConfigSpec, plugins: dict[str, Any], registry: PluginRegistry,
+                   deps: PluginDeps, source: str, used: set[str]) -> None:
+    # Upstream's newer field wins when both are given.
+    if spec.request_handler is not None and spec.request_handler.parsers:
+        refs = [(f"requestHandler.parsers[{i}].pluginRef", r.plugin_ref)
+                for i, r in enumerate(spec.request_handler.parsers)]
+    elif spec.parser is not None:
+        refs = [("parser.pluginRef", spec.parser.plugin_ref)]
+    else:
+        return
+    for where, ref in refs:
+        parser = _referenced(ref, plugins, registry, deps, f"{source}: {where}", PARSER_TYPES)
+        if parser.type_name not in PARSER_TYPES:
+            raise ConfigError(f"{source}: {where}: {ref!r} ({parser.type_name}) is not a "
+                              f"parser; use {', '.join(sorted(PARSER_TYPES))}")
+        used.add(parser.name)
+
+
+def _metrics_source(spec: ConfigSpec, plugins: dict[str, Any], registry: PluginRegistry,
+                    deps: PluginDeps, source: str, used: set[str]) -> MetricsSourceSettings:
+    if spec.data is not None and spec.data_layer is not None:
+        raise ConfigError(f"{source}: give dataLayer or its older name data, not both")
+    section = "dataLayer" if spec.data_layer is not None else "data"
+    layer = spec.data_layer if spec.data_layer is not None else spec.data
+    data_types = frozenset({MetricsDataSource.type_name, CoreMetricsExtractor.type_name})
+    if layer is not None:
+        for name, reason in (
+                ("discovery", "use --endpoints-file, --pool-name or --endpoint-selector"),
+                ("peerDiscovery", "replicas here are active-active and share nothing"),
+                ("crossReplicaSyncerPluginRef", "replicas here share nothing"),
+                ("crossReplicaSyncInterval", "replicas here share nothing")):
+            if getattr(layer, _snake(name)) is not None:
+                raise ConfigError(f"{source}: {section}.{name} is not implemented here; "
+                                  f"{reason}")
+        for i, src in enumerate(layer.sources):
+            at = f"{source}: {section}.sources[{i}]"
+            plugin = _referenced(src.plugin_ref, plugins, registry, deps, f"{at}.pluginRef",
+                                 data_types)
+            if not isinstance(plugin, MetricsDataSource):
+                raise ConfigError(f"{at}.pluginRef: {src.plugin_ref!r} ({plugin.type_name}) "
+                                  f"is not a data source; use {MetricsDataSource.type_name}")
+            for j, ext in enumerate(src.extractors):
+                extractor = _referenced(ext.plugin_ref, plugins, registry, deps,
+                                        f"{at}.extractors[{j}].pluginRef", data_types)
+                if not isinstance(extractor, CoreMetricsExtractor):
+                    raise ConfigError(
+                        f"{at}.extractors[{j}].pluginRef: {ext.plugin_ref!r} "
+                        f"({extractor.type_name}) is not an extractor; use "
+                        f"{CoreMetricsExtractor.type_name}")
+    sources = [p for p in plugins.values() if isinstance(p, MetricsDataSource)]
+    if len(sources) > 1:
+        raise ConfigError(f"{source}: plugins: at most one {MetricsDataSource.type_name} "
+                          f"(one scraper per EPP; got {', '.join(p.name for p in sources)})")
+    if layer is not None and layer.inject_defaults is False and not sources:
+        raise ConfigError(
+            f"{source}: {section}.injectDefaults: false with no {MetricsDataSource.type_name} "
+            "turns metrics collection off, which is not supported here (the load scorers "
+            "and the saturation detector read the scraped metrics); add the source")
+    return sources[0].source if sources else MetricsSourceSettings()
+
+
+_INERT_FLOW_CONTROL = ("maxBytes", "maxRequests", "defaultRequestTTL", "noEndpointRequestTTL",
+                       "defaultPriorityBand", "defaultNegativePriorityBand", "priorityBands",
+                       "usageLimitPolicyPluginRef", "enableEviction")
+
+
+def _check_flow_control(flow: FlowControlSpec | None, source: str) -> None:
+    if flow is None:
+        return
+    set_fields = [name for name in _INERT_FLOW_CONTROL
+                  if getattr(flow, _snake(name)) is not None]
+    if set_fields:
+        # Upstream also ignores these while the flowControl gate is off (its default);
+        # the gate cannot be turned on here, so say so once at start-up.
+        log.warning("%s: flowControl.%s: no effect: the flowControl feature gate is off, "
+                    "requests are admitted or shed at once, never queued",
+                    source, ", ".join(set_fields))
+
+
+def _snake(camel: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel).replace(
+        "_t_t_l", "_ttl")
 
 
 def _compile_profile(prof: ProfileSpec, plugins: dict[str, Any], registry: PluginRegistry,

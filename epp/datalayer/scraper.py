@@ -100,6 +100,8 @@ class MetricsScraper:
         interval_s: float = DEFAULT_SCRAPE_INTERVAL_S,
         timeout_s: float = DEFAULT_SCRAPE_TIMEOUT_S,
         path: str = "/metrics",
+        scheme: str = "http",
+        verify_tls: bool = False,
         stale_after_s: float | None = None,
         accept_gzip: bool = False,
         on_task_failure: FailureCounter | None = None,
@@ -115,12 +117,18 @@ class MetricsScraper:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
+        if scheme not in ("http", "https"):
+            raise ValueError(f"scheme must be http or https, got {scheme!r}")
         self._pool = pool
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._path = path
         self._names = metric_names
+        self._scheme = scheme
+        # https pods rarely carry certificates the picker can check (upstream's default
+        # skips verification too); aiohttp verifies unless told False.
+        self._ssl = verify_tls or scheme == "http"
         self._stale_after_s = stale_after_s
         self._headers = {
             "Accept": "text/plain",  # the 0.0.4 text format, not OpenMetrics
@@ -224,7 +232,7 @@ class MetricsScraper:
 
     async def _poll(self, name: str, address: str, state: EndpointState) -> None:
         loop = asyncio.get_running_loop()
-        url = f"http://{address}{self._path}"
+        url = f"{self._scheme}://{address}{self._path}"
         # A random phase per endpoint, so a pool that appears at once is not scraped in
         # lockstep; fixed-rate deadlines then keep the phases spread.
         await asyncio.sleep(self._rng.uniform(0.0, self._interval_s))
@@ -260,13 +268,17 @@ class MetricsScraper:
         if session is None:
             return "scraper stopped"
         try:
-            async with session.get(url, timeout=self._timeout) as response:
+            async with session.get(url, timeout=self._timeout, ssl=self._ssl) as response:
                 if response.status != 200:
                     raise _ScrapeFailure(f"HTTP {response.status} {response.reason or ''}".strip())
                 page = await _read_page(response)
             metrics = parse_metrics(page, scraped_at=time.monotonic(), names=self._names)
         except TimeoutError:
             return f"timed out after {self._timeout_s:g} s"
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # A listening pod whose certificate we refuse: not evidence it is down (Envoy
+            # still reaches it), only that its metrics cannot be trusted.
+            return f"TLS certificate refused: {exc.certificate_error}"
         except aiohttp.ClientConnectorError as exc:
             # errno gives "Connection refused"; asyncio's own text repeats the address.
             reason = f"cannot connect: {os.strerror(exc.errno) if exc.errno else exc}"
