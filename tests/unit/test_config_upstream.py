@@ -252,3 +252,20 @@ def test_go_durations(text: str, seconds: float) -> None:
 def test_bad_go_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_epp_builds_from_the_chart_default_file(tmp_path: Path) -> None:
+    """``--config-file default-plugins.yaml`` as the chart passes it: the app is built
+    with the chart's profile, and the scraper reads the configured path."""
+    from epp.config import EppSettings
+    from epp.runner import build_app
+
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints:\n- {address: 10.0.0.1:8000}\n")
+    config = tmp_path / "default-plugins.yaml"
+    config.write_text(CHART_DEFAULT.replace('path: "/metrics"', 'path: "/vllm/metrics"'))
+    app = build_app(EppSettings(endpoints_file=str(endpoints), config_file=str(config),
+                                grpc_port=0, health_port=0, metrics_port=0))
+    profile = app.picker_config.scheduler.profiles["default"]
+    assert [w.weight for w in profile.scorers] == [2.0, 2.0, 3.0]
+    assert app.scraper._path == "/vllm/metrics"
