@@ -19,9 +19,35 @@ from epp.discovery.kubernetes import (
     parse_target_ports,
 )
 from epp.discovery.static import EndpointsFileError
+from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.runner import build_app
 
 log = logging.getLogger("epp")
+
+
+def _flag_bool(text: str) -> bool:
+    """A boolean flag's value as the upstream chart renders it (``--flag=false``)."""
+    value = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}.get(
+        text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
+    return value
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """TLS on the ext_proc port, named and defaulted as in the upstream EPP."""
+    p.add_argument("--secure-serving", type=_flag_bool, nargs="?", const=True, default=True,
+                   metavar="BOOL", help="serve ext_proc over TLS (default true; "
+                   "--secure-serving=false serves cleartext h2c)")
+    p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key "
+                   "for the ext_proc port (default: a self-signed certificate generated at "
+                   "start-up)")
+    p.add_argument("--enable-cert-reload", type=_flag_bool, nargs="?", const=True,
+                   default=False, metavar="BOOL", help="pick up a rotated certificate in "
+                   "--cert-path without a restart (new handshakes present it)")
+    p.add_argument("--tls-min-version", choices=sorted(TLS_VERSIONS),
+                   default=DEFAULT_TLS_MIN_VERSION, help="lowest TLS version accepted on the "
+                   "ext_proc port (1.3 needs --extproc-server h2)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "prefix-cache scorer (also implied by kvEvents in the endpoints file)")
     p.add_argument("--extproc-server", choices=["h2", "grpc"], default="h2",
                    help="ext_proc transport: h2 (lean HTTP/2, default) or grpc (grpc.aio)")
+    _add_tls_flags(p)
     p.add_argument("--enable-explain", action="store_true",
                    help="serve POST /debug/explain on the metrics port: how a request body "
                    "would be scheduled, with every plugin's scores (reveals pool internals)")
@@ -109,6 +136,10 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         kv_events=args.kv_events,
         enable_explain=args.enable_explain,
         extproc_server=args.extproc_server,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        enable_cert_reload=args.enable_cert_reload,
+        tls_min_version=args.tls_min_version,
         metrics_scrape_interval_s=args.metrics_scrape_interval,
         metrics_scrape_timeout_s=args.metrics_scrape_timeout,
         metrics_stale_after_s=args.metrics_staleness_threshold,

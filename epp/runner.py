@@ -20,6 +20,7 @@ from epp.datastore import Endpoint, EndpointPool
 from epp.discovery.kubernetes import KubernetesDiscovery
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.errors import RequestError
+from epp.extproc.certs import CertificateError, ExtProcTls
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.kvcache.producer import ApproximateProducer
@@ -30,6 +31,7 @@ from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
 from epp.scheduling.registry import PluginDeps
+from epp.supervise import LogLimiter, supervised
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class App:
         self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self.tls: ExtProcTls | None = None  # None: the ext_proc port speaks cleartext h2c
+        self._tls_watch: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -110,6 +114,7 @@ class App:
     async def start(self) -> None:
         """Start serving. Discovery errors (a bad endpoints file) propagate."""
         s = self.settings
+        await self._start_tls()
         await self.health.start()
         self.pool.add_listener(self._on_pool_change)
         for producer in self.picker_config.producers:
@@ -129,10 +134,12 @@ class App:
             servicer = ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes)
             add_to_server(servicer, self._grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
-            self.grpc_port = self._bind(self._grpc, s.grpc_port)
+            self.grpc_port = self._bind(self._grpc, s.grpc_port,
+                                        self.tls.grpc_credentials() if self.tls else None)
             await self._grpc.start()
         else:
-            self._h2 = H2ExtProcServer(self.director, max_body_bytes=s.max_body_bytes)
+            self._h2 = H2ExtProcServer(self.director, max_body_bytes=s.max_body_bytes,
+                                       ssl_context=self.tls.ssl_context() if self.tls else None)
             self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port)
         self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
@@ -143,8 +150,37 @@ class App:
         log.info("endpoint picker serving: ext_proc :%d, health :%d, metrics :%d",
                  self.grpc_port, self.health_port, self.metrics_port)
 
-    def _bind(self, server: grpc.aio.Server, port: int) -> int:
-        bound = server.add_insecure_port(f"{self.settings.bind_address}:{port}")
+    async def _start_tls(self) -> None:
+        """Prepare the ext_proc port's certificate (the health port stays cleartext:
+        kubelet's gRPC probes do not speak TLS) and follow its rotations if asked."""
+        s = self.settings
+        if not s.secure_serving:
+            if s.cert_path is not None:
+                log.warning("--cert-path is ignored: --secure-serving=false serves "
+                            "cleartext h2c")
+            log.info("ext_proc serves cleartext h2c (--secure-serving=false)")
+            return
+        if s.enable_cert_reload and s.cert_path is None:
+            log.warning("--enable-cert-reload is ignored without --cert-path: the "
+                        "self-signed certificate lives as long as the process")
+        try:
+            # Off the loop: file reads, a hostname lookup, key generation.
+            self.tls = await asyncio.to_thread(
+                ExtProcTls.create, s.cert_path, enable_reload=s.enable_cert_reload,
+                min_version=s.tls_min_version)
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from None
+        log.info("ext_proc serves %s", self.tls.describe())
+        if self.tls.reloader is not None:
+            self._tls_watch = asyncio.get_running_loop().create_task(supervised(
+                self.tls.watch, task="cert-reload", what=str(s.cert_path),
+                logs=LogLimiter(log), count=self.metrics.count_background_failure))
+
+    def _bind(self, server: grpc.aio.Server, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> int:
+        address = f"{self.settings.bind_address}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials is not None \
+            else server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {self.settings.bind_address}:{port}")
         return bound
@@ -206,6 +242,8 @@ class App:
             await service.stop()
         if self._http is not None:
             await self._http.cleanup()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from epp.datalayer import scraper
+from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
 
 # Ports of the endpoint-picker protocol (GIE): ext_proc, gRPC health, Prometheus.
@@ -44,6 +45,12 @@ class EppSettings:
     enable_test_endpoint_selection: bool = False
     # ext_proc transport: "h2" (our lean HTTP/2 server) or "grpc" (grpc.aio).
     extproc_server: str = "h2"
+    # TLS on the ext_proc port, on by default as in the upstream EPP: a certificate
+    # generated at start-up unless cert_path names a directory with tls.crt and tls.key.
+    secure_serving: bool = True
+    cert_path: str | None = None
+    enable_cert_reload: bool = False  # follow rotations of cert_path's files
+    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
     enable_explain: bool = False  # POST /debug/explain on the metrics port
     kv_events: bool = False  # engines publish KV events: the default profile is precise
     metrics_scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
@@ -79,6 +86,13 @@ class EppSettings:
             raise ConfigError("grpc_port, health_port and metrics_port must differ")
         if self.extproc_server not in ("h2", "grpc"):
             raise ConfigError(f"extproc_server: {self.extproc_server!r} is not h2 or grpc")
+        if self.tls_min_version not in TLS_VERSIONS:
+            raise ConfigError(f"--tls-min-version: {self.tls_min_version!r} is not one of "
+                              f"{', '.join(TLS_VERSIONS)}")
+        if self.secure_serving and self.extproc_server == "grpc" and \
+                self.tls_min_version != DEFAULT_TLS_MIN_VERSION:
+            raise ConfigError(f"--tls-min-version {self.tls_min_version} needs "
+                              "--extproc-server h2: grpc.aio's TLS floor is fixed at 1.2")
         if self.config_file is not None and self.config_text is not None:
             raise ConfigError("give --config-file or --config-text, not both")
         if self.metrics_scrape_interval_s <= 0:

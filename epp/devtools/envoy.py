@@ -6,6 +6,7 @@ import copy
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,22 @@ import yaml
 from epp.devtools.procs import REPO_ROOT
 
 ENVOY_CONFIG = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+
+
+@dataclass(frozen=True)
+class EppTls:
+    """How Envoy dials the EPP's ext_proc port: TLS without certificate validation (the
+    shipped config, as kgateway does), TLS verified against ``trusted_ca`` with the
+    certificate's ``subject_alt_name`` checked, or cleartext h2c (``enabled=False``, for
+    an EPP run with ``--secure-serving=false``)."""
+
+    enabled: bool = True
+    trusted_ca: Path | None = None
+    subject_alt_name: str | None = None
+
+
+KGATEWAY_TLS = EppTls()
+CLEARTEXT = EppTls(enabled=False)
 
 
 def envoy_binary() -> str:
@@ -39,8 +56,9 @@ def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(f"cluster {name!r} not in {ENVOY_CONFIG}")
 
 
-def epp_config(listen_port: int, epp_port: int, admin_port: int) -> dict[str, Any]:
-    """The shipped config with its ports changed."""
+def epp_config(listen_port: int, epp_port: int, admin_port: int,
+               tls: EppTls = KGATEWAY_TLS) -> dict[str, Any]:
+    """The shipped config with its ports (and, if asked, how it dials the EPP) changed."""
     config = copy.deepcopy(load_base_config())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
@@ -48,6 +66,16 @@ def epp_config(listen_port: int, epp_port: int, admin_port: int) -> dict[str, An
     picker = _cluster(config, "endpoint_picker")
     picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
         "socket_address"]["port_value"] = epp_port
+    if not tls.enabled:
+        del picker["transport_socket"]
+    elif tls.trusted_ca is not None:
+        context = copy.deepcopy(picker["transport_socket"])
+        validation: dict[str, Any] = {"trusted_ca": {"filename": str(tls.trusted_ca)}}
+        if tls.subject_alt_name is not None:
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": "DNS", "matcher": {"exact": tls.subject_alt_name}}]
+        context["typed_config"]["common_tls_context"]["validation_context"] = validation
+        picker["transport_socket"] = context
     config["static_resources"]["clusters"] = [
         picker if c["name"] == "endpoint_picker" else c
         for c in config["static_resources"]["clusters"]

@@ -50,7 +50,8 @@ class LocalStack:
                  sim_args: Sequence[str] = (), epp_args: Sequence[str] = (),
                  per_sim_args: dict[int, Sequence[str]] | None = None,
                  sim_labels: dict[int, dict[str, str]] | None = None,
-                 envoy_concurrency: int = 2) -> None:
+                 envoy_concurrency: int = 2,
+                 epp_tls: envoy_cfg.EppTls = envoy_cfg.KGATEWAY_TLS) -> None:
         self.work_dir = work_dir
         self.ports = ports
         self.sim_args = list(sim_args)
@@ -59,6 +60,7 @@ class LocalStack:
         self.sim_labels = {i: dict(labels) for i, labels in (sim_labels or {}).items()}
         self.epp_args = list(epp_args)
         self.envoy_concurrency = envoy_concurrency
+        self.epp_tls = epp_tls  # how Envoy dials the EPP (match the EPP's TLS flags)
         self.sims: list[Process] = []
         self.epp: Process | None = None
         self.envoy: Process | None = None
@@ -145,7 +147,7 @@ class LocalStack:
         """Start Envoy with the shipped config, re-ported, and wait until it is live."""
         p = self.ports
         config = envoy_cfg.write_config(
-            envoy_cfg.epp_config(p.envoy, p.epp_grpc, p.envoy_admin),
+            envoy_cfg.epp_config(p.envoy, p.epp_grpc, p.envoy_admin, self.epp_tls),
             self.work_dir / "envoy.yaml")
         self.envoy = Process("envoy", [
             envoy_cfg.envoy_binary(), "-c", str(config), "--disable-hot-restart",

@@ -22,8 +22,9 @@ Invariants (each has a test in ``tests/unit/test_h2_faults.py``):
   connection are bounded.
 - A peer GOAWAY lets open streams finish.
 
-Scope: HTTP/2 cleartext (h2c) with prior knowledge, as Envoy's gRPC client speaks it;
-uncompressed gRPC messages; unknown methods are answered with UNIMPLEMENTED.
+Scope: HTTP/2 over TLS (ALPN ``h2``, terminated per connection by
+:mod:`epp.extproc.tls`) or cleartext with prior knowledge (h2c), as Envoy's gRPC client
+speaks them; uncompressed gRPC messages; unknown methods are answered with UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +49,9 @@ from hyperframe.frame import GoAwayFrame
 from epp.errors import RequestError
 from epp.extproc import messages as msg
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES, Director, ProtocolError, ProtocolStream
+from epp.extproc.tls import TlsServerProtocol
+from epp.extproc.tls import log as tls_log
+from epp.supervise import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +567,8 @@ class H2ExtProcServer:
 
     def __init__(self, director: Director, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
-                 connection_buffer: int = CONNECTION_BUFFER) -> None:
+                 connection_buffer: int = CONNECTION_BUFFER,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if max_concurrent_streams < 1:
             raise ValueError("max_concurrent_streams must be at least 1")
         self.director = director
@@ -577,15 +583,29 @@ class H2ExtProcServer:
         self.connections: set[_Connection] = set()
         self.active_streams = 0
         self.draining = False
+        # TLS when set (the context's certificate may be replaced while serving: new
+        # handshakes present the new one); cleartext h2c otherwise.
+        self.ssl_context = ssl_context
+        self.tls_failures = 0  # connections that failed their handshake (or spoke cleartext)
+        self._tls_logs = LogLimiter(tls_log)
+        self._handshaking: set[TlsServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (``port`` 0 picks one)."""
         loop = asyncio.get_running_loop()
-        factory: Callable[[], _Connection] = lambda: _Connection(self)  # noqa: E731
+        factory: Callable[[], asyncio.Protocol] = lambda: _Connection(self)  # noqa: E731
+        if self.ssl_context is not None:
+            context = self.ssl_context
+            factory = lambda: TlsServerProtocol(  # noqa: E731
+                context, _Connection(self), self._tls_logs, handshaking=self._handshaking,
+                on_failure=self._count_tls_failure)
         self._server = await loop.create_server(factory, host, port, reuse_address=True)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    def _count_tls_failure(self, reason: str) -> None:
+        self.tls_failures += 1
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, GOAWAY every connection, let open streams finish within
@@ -593,6 +613,8 @@ class H2ExtProcServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        for pending in list(self._handshaking):
+            pending.abort()  # no streams yet: nothing to let finish
         for conn in list(self.connections):
             conn.goaway()
         loop = asyncio.get_running_loop()

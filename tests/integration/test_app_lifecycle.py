@@ -22,8 +22,16 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def _status(port: int, service: str) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+def _channel(port: int, tls_root: bytes | None) -> grpc.aio.Channel:
+    if tls_root is None:
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root_certificates=tls_root),
+        options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+async def _status(port: int, service: str, tls_root: bytes | None = None) -> int:
+    async with _channel(port, tls_root) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(reply.status)
@@ -47,9 +55,11 @@ async def test_ready_only_while_the_pool_has_endpoints(tmp_path: Path) -> None:
         while await _status(app.health_port, "readiness") != SERVING:
             assert time.monotonic() < deadline, "never became ready"
             await asyncio.sleep(0.05)
-        # The ext_proc port serves only ext_proc: other methods get a clean UNIMPLEMENTED.
+        # The ext_proc port (TLS by default; the health port above is cleartext) serves
+        # only ext_proc: other methods get a clean UNIMPLEMENTED.
+        assert app.tls is not None
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _status(app.grpc_port, "readiness")
+            await _status(app.grpc_port, "readiness", app.tls.certificate.chain_pem)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         endpoints.write_text("endpoints: []\n")
         deadline = time.monotonic() + 5
