@@ -17,7 +17,7 @@ from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
-from epp.discovery.kubernetes import KubernetesDiscovery
+from epp.discovery.kubernetes import KubernetesDiscovery, load_api_client
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.errors import RequestError
 from epp.extproc.certs import CertificateError, ExtProcTls
@@ -27,6 +27,7 @@ from epp.kvcache.producer import ApproximateProducer
 from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, PoolCollector
 from epp.observability.health import HealthReporter
+from epp.observability.metrics_auth import MetricsAuthenticator
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
@@ -77,7 +78,11 @@ class App:
                                       scheme=cfg.metrics_source.scheme,
                                       path=cfg.metrics_source.path,
                                       verify_tls=cfg.metrics_source.verify_tls,
-                                      on_task_failure=failed)
+                                      on_task_failure=failed,
+                                      metric_names=settings.engine_metrics)
+        self.metrics_auth = MetricsAuthenticator(
+            lambda: load_api_client(settings.kubeconfig)) \
+            if settings.metrics_endpoint_auth else None
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -130,7 +135,9 @@ class App:
             self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
         if s.extproc_server == "grpc":
-            self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+            options = _GRPC_OPTIONS if not s.grpc_max_recv_msg_bytes else [
+                *_GRPC_OPTIONS, ("grpc.max_receive_message_length", s.grpc_max_recv_msg_bytes)]
+            self._grpc = grpc.aio.server(options=options)
             servicer = ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes)
             add_to_server(servicer, self._grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._grpc)
@@ -140,6 +147,8 @@ class App:
         else:
             self._h2 = H2ExtProcServer(self.director, max_body_bytes=s.max_body_bytes,
                                        ssl_context=self.tls.ssl_context() if self.tls else None)
+            if s.grpc_max_recv_msg_bytes:
+                self._h2.max_message = s.grpc_max_recv_msg_bytes
             self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port)
         self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
@@ -186,7 +195,8 @@ class App:
         return bound
 
     async def _start_metrics(self) -> int:
-        app = web.Application()
+        app = web.Application(
+            middlewares=[self.metrics_auth.middleware] if self.metrics_auth else [])
         app.router.add_get("/metrics", self._metrics_handler)
         if self.settings.enable_explain:
             app.router.add_post(EXPLAIN_PATH, self._explain_handler)
@@ -220,7 +230,7 @@ class App:
 
     def _on_pool_change(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.metrics.ready_pods.labels(self.settings.pool_label).set(len(endpoints))
-        self.health.set_ready(bool(endpoints) and self.pool.synced)
+        self.health.set_pool_state(synced=self.pool.synced, has_endpoints=bool(endpoints))
         names = {e.name for e in endpoints}
         for gone in self._endpoint_names - names:
             self.metrics.forget_endpoint(gone)
@@ -242,6 +252,8 @@ class App:
             await service.stop()
         if self._http is not None:
             await self._http.cleanup()
+        if self.metrics_auth is not None:
+            await self.metrics_auth.close()
         if self._tls_watch is not None:
             self._tls_watch.cancel()
         self._stopped.set()

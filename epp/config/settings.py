@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from epp.datalayer import scraper
+from epp.datalayer.parser import VLLM_METRICS, EngineMetrics
 from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
 
@@ -20,6 +21,18 @@ DEFAULT_SHUTDOWN_GRACE_S = 15.0
 DEFAULT_SCRAPE_INTERVAL_S = scraper.DEFAULT_SCRAPE_INTERVAL_S
 DEFAULT_SCRAPE_TIMEOUT_S = scraper.DEFAULT_SCRAPE_TIMEOUT_S
 DEFAULT_METRICS_STALE_AFTER_S = scraper.DEFAULT_STALE_AFTER_S
+# The InferencePool API group the Kubernetes discovery watches (GIE v1); the upstream
+# picker supports only this group too.
+DEFAULT_POOL_GROUP = "inference.networking.k8s.io"
+SUPPORTED_POOL_GROUPS = (DEFAULT_POOL_GROUP,)
+# After SIGTERM, how long the ext_proc server keeps accepting new streams while readiness
+# already reports NOT_SERVING (the upstream picker's --drain-timeout, 30 s there). 0 here:
+# local runs and tests stop at once; a Deployment behind a Service passes 30s so gateways
+# stop dialling this replica before it refuses streams.
+DEFAULT_DRAIN_TIMEOUT_S = 0.0
+# Largest gRPC message accepted on the ext_proc port (--grpc-max-recv-msg-size). 0 keeps
+# each transport's own limit: grpc.aio 8 MiB, h2 one whole request body plus framing.
+DEFAULT_GRPC_MAX_RECV_MSG_BYTES = 0
 
 
 class ConfigError(ValueError):
@@ -60,6 +73,15 @@ class EppSettings:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     endpoints_reload_s: float = 1.0
     seed: int | None = None
+    # --- upstream (llm-d-router) flags -------------------------------------------------
+    pool_group: str = DEFAULT_POOL_GROUP
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    # /metrics needs a bearer token that a TokenReview + SubjectAccessReview accept.
+    metrics_endpoint_auth: bool = False
+    tracing: bool = False
+    emit_endpoint_scores: bool = False  # per-endpoint scores in the response metadata
+    grpc_max_recv_msg_bytes: int = DEFAULT_GRPC_MAX_RECV_MSG_BYTES
+    engine_metrics: EngineMetrics = VLLM_METRICS  # which series of a pod's page to read
 
     @property
     def pool_label(self) -> str:
@@ -105,3 +127,10 @@ class EppSettings:
             raise ConfigError("max_body_bytes: must be at least 1024")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s: must not be negative")
+        if self.pool_group not in SUPPORTED_POOL_GROUPS:
+            raise ConfigError(f"--pool-group: {self.pool_group!r} is not supported; the "
+                              f"InferencePool group is {DEFAULT_POOL_GROUP}")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("drain_timeout_s: must not be negative")
+        if self.grpc_max_recv_msg_bytes < 0:
+            raise ConfigError("grpc_max_recv_msg_bytes: must not be negative")

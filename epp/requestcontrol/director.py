@@ -19,6 +19,7 @@ from epp.datastore import Endpoint, parse_address
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.supervise import LogLimiter
+from epp.observability.logsetup import bind_request_id
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError
@@ -312,6 +313,9 @@ class Director:
         self, headers: Mapping[str, str], body: bytes | None, subset: Sequence[str] | None
     ) -> RequestHandle:
         """Parse, admit, schedule. Raises :class:`RequestError` to refuse."""
+        # Every line logged while this request is routed carries its id (see logsetup);
+        # Envoy sets x-request-id on every request, so a generated one stays in our logs.
+        bind_request_id(headers)
         ctx, candidates = self.prepare(headers, body, subset)
         await self._produce(ctx, candidates)
         t0 = time.perf_counter()

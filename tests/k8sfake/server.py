@@ -12,6 +12,10 @@ It serves pods, InferencePools and InferenceObjectives on a free loopback port (
   than the history answers 410 Gone (an ERROR event, as the API server's watch cache does,
   or the HTTP status when ``gone_as_http_status``).
 
+It also answers ``TokenReview`` and ``SubjectAccessReview`` (POST, authentication.k8s.io
+and authorization.k8s.io v1) from :attr:`FakeKubeServer.tokens` (token -> user) and
+:attr:`FakeKubeServer.access` (user -> allowed ``(verb, path)`` of non-resource URLs).
+
 Tests change objects with :meth:`FakeKubeServer.apply` / :meth:`delete` (synchronous:
 no watcher can run between two calls), and inject trouble: :meth:`drop_watches`,
 :meth:`compact`, :meth:`forbid`, :meth:`fail`, :meth:`uninstall`.
@@ -122,6 +126,9 @@ class FakeKubeServer:
         self._uids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.tokens: dict[str, dict[str, Any]] = {}  # bearer token -> TokenReview user
+        self.access: dict[str, set[tuple[str, str]]] = {}  # username -> {(verb, path)}
+        self.reviews: list[dict[str, Any]] = []  # every review body received, in order
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -132,6 +139,9 @@ class FakeKubeServer:
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._collection)
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
                            self._one)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                            self._access_review)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -282,6 +292,24 @@ class FakeKubeServer:
                     and all(str(_field(obj, k)) == v for k, v in fields)
                     and all((meta.get("labels") or {}).get(k) == v for k, v in labels))
         return matches
+
+    async def _token_review(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.reviews.append(body)
+        user = self.tokens.get((body.get("spec") or {}).get("token", ""))
+        status: dict[str, Any] = {"authenticated": user is not None}
+        if user is not None:
+            status["user"] = user
+        return web.json_response({**body, "status": status})
+
+    async def _access_review(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.reviews.append(body)
+        spec = body.get("spec") or {}
+        attrs = spec.get("nonResourceAttributes") or {}
+        allowed = (attrs.get("verb"), attrs.get("path")) in self.access.get(
+            spec.get("user", ""), set())
+        return web.json_response({**body, "status": {"allowed": allowed}})
 
     async def _one(self, request: web.Request) -> web.StreamResponse:
         kind = self._resolve(request)
