@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,9 +16,10 @@ from epp.discovery.kubernetes import load_api_client
 from epp.observability.metrics_auth import MetricsAuthenticator
 from tests.k8sfake.server import FakeKubeServer
 
-PROMETHEUS = {"username": "system:serviceaccount:monitoring:prometheus", "uid": "u1",
-              "groups": ["system:serviceaccounts"], "extra": {"scope": ["a"]}}
-STRANGER = {"username": "system:serviceaccount:default:stranger", "uid": "u2"}
+PROMETHEUS_USER = "system:serviceaccount:monitoring:prometheus"
+PROMETHEUS: dict[str, Any] = {"username": PROMETHEUS_USER, "uid": "u1",
+                              "groups": ["system:serviceaccounts"], "extra": {"scope": ["a"]}}
+STRANGER: dict[str, Any] = {"username": "system:serviceaccount:default:stranger", "uid": "u2"}
 
 
 class Clock:
@@ -48,7 +50,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     kube = FakeKubeServer()
     await kube.start()
     kube.tokens = {"good": PROMETHEUS, "no-rights": STRANGER}
-    kube.access = {PROMETHEUS["username"]: {("get", "/metrics")}}
+    kube.access = {PROMETHEUS_USER: {("get", "/metrics")}}
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(f"""
 apiVersion: v1
@@ -88,7 +90,7 @@ async def test_tokens_are_reviewed_and_authorised(served: Served) -> None:
     assert access_review["kind"] == "SubjectAccessReview"
     assert spec["nonResourceAttributes"] == {"path": "/metrics", "verb": "get"}
     assert (spec["user"], spec["uid"], spec["groups"], spec["extra"]) == (
-        PROMETHEUS["username"], "u1", ["system:serviceaccounts"], {"scope": ["a"]})
+        PROMETHEUS_USER, "u1", ["system:serviceaccounts"], {"scope": ["a"]})
     assert await served.get(None) == 401  # no token: the API is not even asked
     assert await served.get("") == 401
     assert await served.get("forged") == 401  # TokenReview says unauthenticated
