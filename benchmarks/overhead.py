@@ -7,6 +7,11 @@ token), three ways to reach them:
   (b) client -> Envoy + ext_proc EPP (the shipped deploy/envoy/envoy.yaml) -> pods
   (c) client -> one pod directly (a floor; concurrency 1 only)
 
+plus the EPP on the grpc.aio transport (d) and the h2 EPP with --secure-serving=false
+behind an Envoy dialling cleartext h2c (e): (b) and (d) use TLS on the ext_proc port, as
+the shipped config does (the way kgateway dials the picker), so (b) vs (e) is the CPU
+cost of TLS per request.
+
 for OpenAI ``/v1/completions`` bodies of the given sizes at the given concurrencies.
 Each cell reports throughput, p50/p99 latency, errors, and the CPU time per request of
 the EPP and of the Envoy in the path (from ``/proc/<pid>/stat`` before/after the
@@ -68,11 +73,13 @@ ENVOY_RR = "a"
 ENVOY_EPP = "b"
 DIRECT = "c"
 ENVOY_EPP_GRPC = "d"
+ENVOY_EPP_CLEARTEXT = "e"
 SCENARIO_LABELS = {
     ENVOY_RR: "(a) Envoy round-robin",
     ENVOY_EPP: "(b) Envoy + EPP",
     DIRECT: "(c) direct to pod",
     ENVOY_EPP_GRPC: "(d) Envoy + EPP on grpc.aio",
+    ENVOY_EPP_CLEARTEXT: "(e) Envoy + EPP, cleartext h2c",
 }
 
 WRK_LUA = """\
@@ -474,6 +481,21 @@ def render(info: RunInfo, cells: Sequence[Cell], sizes: Sequence[int],
             ratio = b.load.rps / d.load.rps if d.load.rps else math.nan
             out.append(f"| {size_label(size)} | {conc} | {ratio:.2f} | {_f(b.epp_us, 0)} | "
                        f"{_f(d.epp_us, 0)} | {_f(b.load.p50_ms, 3)} | {_f(d.load.p50_ms, 3)} |")
+    out += ["", "## TLS on the ext_proc port: (b) TLS vs (e) cleartext h2c, same run", "",
+            "| prompt | c | (b)/(e) req/s | EPP µs/req TLS | EPP µs/req cleartext "
+            "| Envoy µs/req TLS | Envoy µs/req cleartext | TLS CPU added (µs/req, EPP + "
+            "Envoy) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for size in sizes:
+        for conc in concurrencies:
+            b, e = _find(cells, ENVOY_EPP, size, conc), _find(cells, ENVOY_EPP_CLEARTEXT,
+                                                               size, conc)
+            if b is None or e is None:
+                continue
+            ratio = b.load.rps / e.load.rps if e.load.rps else math.nan
+            added = (b.epp_us + b.envoy_us) - (e.epp_us + e.envoy_us)
+            out.append(f"| {size_label(size)} | {conc} | {_f(ratio, 2)} | {_f(b.epp_us, 0)} | "
+                       f"{_f(e.epp_us, 0)} | {_f(b.envoy_us, 0)} | {_f(e.envoy_us, 0)} | "
+                       f"{_f(added, 0)} |")
     out += ["", "## EPP vs. plain Envoy, same run", "",
             "| prompt | c | (b)/(a) req/s | p50 added (ms) | p99 added (ms) "
             "| CPU added (µs/req, EPP + Envoy) |",
@@ -604,12 +626,23 @@ def measure(args: argparse.Namespace, generator: LoadGenerator, work_dir: Path) 
         grpc_stack.start_epp(extra_args=["--extproc-server", "grpc"])
         grpc_stack.start_envoy()
         assert grpc_stack.epp is not None and grpc_stack.envoy is not None
+        # The h2 EPP without TLS, behind an Envoy dialling cleartext: the cost of TLS.
+        clear_stack = LocalStack(work_dir / "cleartext", StackPorts.free(0), epp_args=EPP_ARGS,
+                                 envoy_concurrency=args.envoy_concurrency,
+                                 epp_tls=envoy_cfg.CLEARTEXT)
+        clear_stack.endpoints_file = stack.endpoints_file
+        stacks.append(clear_stack)
+        clear_stack.start_epp(extra_args=["--secure-serving=false"])
+        clear_stack.start_envoy()
+        assert clear_stack.epp is not None and clear_stack.envoy is not None
         path = "/v1/completions"
         targets = [
             Target(ENVOY_RR, f"http://127.0.0.1:{rr_port}{path}", "envoy-rr"),
             Target(ENVOY_EPP, f"{stack.url}{path}", "envoy-epp"),
             Target(DIRECT, f"http://{stack.sim_addresses[0]}{path}", None),
             Target(ENVOY_EPP_GRPC, f"{grpc_stack.url}{path}", "envoy-grpc", "epp-grpc"),
+            Target(ENVOY_EPP_CLEARTEXT, f"{clear_stack.url}{path}", "envoy-clear",
+                   "epp-clear"),
         ]
         groups = {
             "epp": [stack.epp.pid],
@@ -617,6 +650,8 @@ def measure(args: argparse.Namespace, generator: LoadGenerator, work_dir: Path) 
             "envoy-rr": [rr_envoy.pid],
             "envoy-epp": [stack.envoy.pid],
             "envoy-grpc": [grpc_stack.envoy.pid],
+            "epp-clear": [clear_stack.epp.pid],
+            "envoy-clear": [clear_stack.envoy.pid],
             "sims": [sim.pid for sim in stack.sims],
         }
         workloads = [Workload.write(work_dir, size) for size in args.sizes]
