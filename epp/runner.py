@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 
 import grpc
 from aiohttp import web
@@ -17,6 +18,7 @@ from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
+from epp.datastore.model_rewrites import ModelRewrites
 from epp.discovery.kubernetes import KubernetesDiscovery, load_api_client
 from epp.discovery.static import StaticDiscovery, load_endpoints_file
 from epp.errors import RequestError
@@ -70,7 +72,8 @@ class App:
             self.pool, cfg.scheduler, admission, self.metrics,
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
             pre_request=cfg.pre_request, response_complete=cfg.response_complete,
-            allow_test_header=settings.enable_test_endpoint_selection)
+            allow_test_header=settings.enable_test_endpoint_selection,
+            model_rewrites=ModelRewrites(random.Random(settings.seed)))
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
@@ -112,6 +115,7 @@ class App:
             selector=dict(s.endpoint_selector) if s.endpoint_selector else None,
             target_ports=list(s.endpoint_target_ports) if s.endpoint_target_ports else None,
             objectives_sink=objectives_sink, kubeconfig=s.kubeconfig,
+            rewrites_sink=self.director.model_rewrites.replace,
             on_task_failure=self.metrics.count_background_failure,
             on_watch_error=self.metrics.count_watch_error,
             kv_events_port=next((k.settings.kv_events_port for k in self.kv_services), None))

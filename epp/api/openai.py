@@ -9,6 +9,7 @@ request can be forwarded unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ import msgspec
 from epp.errors import BadRequestError
 
 _decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
 
 # Deepest JSON nesting accepted. OpenAI bodies nest about 6 levels (messages -> content
 # parts -> image_url) and tool or response-format JSON schemas add a few dozen at most;
@@ -198,6 +200,18 @@ def parse_request(path: str, raw: bytes) -> LLMRequest:
         stream=stream,
         include_usage=include_usage,
     )
+
+
+def with_model(request: LLMRequest, model: str) -> LLMRequest:
+    """The same request sent as ``model``: the body's ``model`` field replaced and the body
+    re-encoded, so what is tokenized, matched and forwarded all name the served model."""
+    body = dict(request.body)
+    body["model"] = model
+    try:
+        raw = _encoder.encode(body)
+    except (msgspec.EncodeError, OverflowError) as exc:  # e.g. an integer beyond 64 bits
+        raise BadRequestError(f"cannot rewrite the model of this body: {exc}") from None
+    return dataclasses.replace(request, model=model, body=body, raw_body=raw)
 
 
 def _json_type(value: Any) -> str:

@@ -6,15 +6,20 @@ InferenceObjectives that name the pool become admission priorities.
   (a data-parallel rank) per pod, named ``<pod>-rank-<i>``.
 * A pod counts only while it matches, its ``Ready`` condition is True, it has an IP and no
   ``deletionTimestamp``.
-* ``InferenceObjective`` (``inference.networking.x-k8s.io/v1alpha2``): ``spec.priority``
-  (unset = 0) for objectives whose ``spec.poolRef`` names the pool.
+* ``InferenceObjective`` (``llm-d.ai/v1alpha2``, and the older group
+  ``inference.networking.x-k8s.io/v1alpha2``): ``spec.priority`` (unset = 0) for
+  objectives whose ``spec.poolRef`` names the pool.
+* ``InferenceModelRewrite`` (same two groups): rules that send requests for one model as
+  another (``epp.datastore.model_rewrites``), for rewrites whose ``spec.poolRef`` names
+  the pool.
 * Standalone mode (no CRDs): a fixed label selector and target ports instead of a pool.
 
 Every change is applied with one ``EndpointPool.replace_all`` computed from the whole
 current state, so readers never see a half-updated pool (a selector change swaps the set in
 one step). RBAC needed in the namespace: get, list and watch on ``pods``,
-``inferencepools.inference.networking.k8s.io`` and, with objectives,
-``inferenceobjectives.inference.networking.x-k8s.io``.
+``inferencepools.inference.networking.k8s.io`` and, with objectives and rewrites,
+``inferenceobjectives`` and ``inferencemodelrewrites`` in both ``llm-d.ai`` and
+``inference.networking.x-k8s.io``. A missing CRD of either group is not an error.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from kubernetes_asyncio.client import (
 )
 
 from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint, EndpointPool
+from epp.datastore.model_rewrites import ModelRewrite, RewriteRule, RewriteTarget
 from epp.discovery.k8s_watch import (
     DEFAULT_BACKOFF_INITIAL_S,
     DEFAULT_BACKOFF_MAX_S,
@@ -62,9 +68,15 @@ POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
 POOL_KIND = "InferencePool"
+# GIE v1.6 moved InferenceObjective and InferenceModelRewrite to llm-d.ai; installs that
+# have not migrated still serve the old group. Both are watched; on a name clash the
+# object in the first group of OBJECTIVE_GROUPS wins.
+LLMD_GROUP = "llm-d.ai"
 OBJECTIVE_GROUP = "inference.networking.x-k8s.io"
+OBJECTIVE_GROUPS = (LLMD_GROUP, OBJECTIVE_GROUP)
 OBJECTIVE_VERSION = "v1alpha2"
 OBJECTIVE_PLURAL = "inferenceobjectives"
+REWRITE_PLURAL = "inferencemodelrewrites"
 # The served model, when a pod says (annotation first: label values cannot hold "/").
 MODEL_KEY = "llm-d.ai/model"
 # InferencePool v1 allows 1-8 target ports.
@@ -75,6 +87,7 @@ WATCH_TASK_PREFIX = "k8s-watch-"
 _FATAL_AT_START = (401, 403, 404)
 
 ObjectivesSink = Callable[[dict[str, int]], None]
+RewritesSink = Callable[[list[ModelRewrite]], None]
 ApiClientFactory = Callable[[], Awaitable[ApiClient]]
 
 
@@ -215,15 +228,25 @@ def pool_endpoints(pods: Iterable[PodView], spec: PoolSpec,
     return endpoints
 
 
-def objective_priority(objective: Mapping[str, Any], pool_name: str) -> int | None:
-    """The priority of an InferenceObjective for ``pool_name``; None if it names another
-    pool. Unset (or malformed) priority is 0."""
-    spec = objective.get("spec") or {}
+def _for_pool(obj: Mapping[str, Any], pool_name: str) -> Mapping[str, Any] | None:
+    """The object's spec if its ``spec.poolRef`` names ``pool_name``, else None."""
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        return None
     ref = spec.get("poolRef") or {}
     if not isinstance(ref, Mapping) or ref.get("name") != pool_name:
         return None
     if ref.get("group") not in (None, "", POOL_GROUP) or ref.get("kind") not in (
             None, "", POOL_KIND):
+        return None
+    return spec
+
+
+def objective_priority(objective: Mapping[str, Any], pool_name: str) -> int | None:
+    """The priority of an InferenceObjective for ``pool_name``; None if it names another
+    pool. Unset (or malformed) priority is 0."""
+    spec = _for_pool(objective, pool_name)
+    if spec is None:
         return None
     priority = spec.get("priority")
     if priority is None:
@@ -234,6 +257,47 @@ def objective_priority(objective: Mapping[str, Any], pool_name: str) -> int | No
                     name, priority)
         return 0
     return priority
+
+
+def model_rewrite(obj: Mapping[str, Any], pool_name: str) -> ModelRewrite | None:
+    """An InferenceModelRewrite for ``pool_name`` as :class:`ModelRewrite`; None if it
+    names another pool. Malformed matches and targets are dropped with a warning (the
+    rest of the object still applies); a rule left without targets does nothing."""
+    spec = _for_pool(obj, pool_name)
+    if spec is None:
+        return None
+    meta = _mapping(obj.get("metadata"))
+    name = str(meta.get("name", ""))
+    rules: list[RewriteRule] = []
+    raw_rules = spec.get("rules")
+    for i, item in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+        raw = _mapping(item)
+        models: set[str] = set()
+        for match in raw.get("matches") or []:
+            model_match = _mapping(_mapping(match).get("model"))
+            kind = model_match.get("type") or "Exact"
+            value = model_match.get("value")
+            if kind != "Exact" or not isinstance(value, str) or not value:
+                log.warning("InferenceModelRewrite %s: rules[%d]: ignoring match %r (only "
+                            "Exact matches on a model name)", name, i, match)
+                continue
+            models.add(value)
+        if raw.get("matches") and not models:
+            continue  # every match was malformed: matching all requests would be wrong
+        targets: list[RewriteTarget] = []
+        for entry in raw.get("targets") or []:
+            target = _mapping(entry)
+            rewrite = target.get("modelRewrite")
+            weight = target.get("weight")
+            if not isinstance(rewrite, str) or not rewrite or not (
+                    weight is None or (isinstance(weight, int) and not isinstance(weight, bool)
+                                       and weight >= 1)):
+                log.warning("InferenceModelRewrite %s: rules[%d]: ignoring target %r", name, i,
+                            target)
+                continue
+            targets.append(RewriteTarget(rewrite, weight))
+        rules.append(RewriteRule(frozenset(models), tuple(targets)))
+    return ModelRewrite(name, str(meta.get("creationTimestamp") or ""), tuple(rules))
 
 
 async def load_api_client(kubeconfig: str | None = None) -> ApiClient:
@@ -268,6 +332,7 @@ class KubernetesDiscovery:
                  selector: Mapping[str, str] | None = None,
                  target_ports: Sequence[int] | None = None,
                  objectives_sink: ObjectivesSink | None = None,
+                 rewrites_sink: RewritesSink | None = None,
                  api_client_factory: ApiClientFactory | None = None,
                  kubeconfig: str | None = None,
                  kv_events_port: int | None = None,
@@ -296,8 +361,10 @@ class KubernetesDiscovery:
         self._namespace = namespace
         self._pool_name = pool_name
         self._objectives_sink = objectives_sink if pool_name is not None else None
-        if objectives_sink is not None and pool_name is None:
-            log.info("standalone discovery: InferenceObjectives are not watched")
+        self._rewrites_sink = rewrites_sink if pool_name is not None else None
+        if (objectives_sink is not None or rewrites_sink is not None) and pool_name is None:
+            log.info("standalone discovery: InferenceObjectives and InferenceModelRewrites "
+                     "are not watched")
         self._client_factory = api_client_factory or functools.partial(load_api_client,
                                                                        kubeconfig)
         self._kv_events_port = kv_events_port
@@ -312,8 +379,11 @@ class KubernetesDiscovery:
         self._client: ApiClient | None = None
         self._pods: Reflector[PodView] | None = None
         self._pools: Reflector[dict[str, Any]] | None = None
-        self._objectives: Reflector[int | None] | None = None
+        # One reflector per API group, in OBJECTIVE_GROUPS order.
+        self._objectives: list[Reflector[int | None]] = []
+        self._rewrites: list[Reflector[ModelRewrite | None]] = []
         self._published: dict[str, int] | None = None
+        self._published_rewrites: list[ModelRewrite] | None = None
         self._live = False  # the first full sync is done: apply changes
         self._tasks: list[asyncio.Task[None]] = []
         self._on_task_failure = on_task_failure
@@ -339,6 +409,7 @@ class KubernetesDiscovery:
         self._live = True
         self._apply()
         self._publish_objectives()
+        self._publish_rewrites()
         self._pool.mark_synced()
         log.info("%s: synced, %d endpoints", self._where, len(self._pool))
         self._tasks = [asyncio.create_task(self._supervised_watch(r),
@@ -370,7 +441,8 @@ class KubernetesDiscovery:
             await client.close()
 
     def _reflectors(self) -> list[Reflector[Any]]:
-        return [r for r in (self._pools, self._pods, self._objectives) if r is not None]
+        return [r for r in (self._pools, self._pods, *self._objectives, *self._rewrites)
+                if r is not None]
 
     def _build_reflectors(self, client: ApiClient) -> None:
         ns = self._namespace
@@ -393,13 +465,24 @@ class KubernetesDiscovery:
                 functools.partial(custom.list_namespaced_custom_object, POOL_GROUP,
                                   POOL_VERSION, ns, POOL_PLURAL),
                 dict, self._on_pool_change, field_selector=f"metadata.name={self._pool_name}")
-        if self._objectives_sink is not None and self._pool_name is not None:
-            self._objectives = reflector(
-                Resource(OBJECTIVE_GROUP, OBJECTIVE_VERSION, OBJECTIVE_PLURAL, ns),
-                functools.partial(custom.list_namespaced_custom_object, OBJECTIVE_GROUP,
-                                  OBJECTIVE_VERSION, ns, OBJECTIVE_PLURAL),
-                functools.partial(objective_priority, pool_name=self._pool_name),
-                self._publish_objectives)
+        pool_name = self._pool_name
+        for group in OBJECTIVE_GROUPS:
+            if pool_name is None:
+                break  # standalone: no pool for objectives or rewrites to name
+            if self._objectives_sink is not None:
+                self._objectives.append(reflector(
+                    Resource(group, OBJECTIVE_VERSION, OBJECTIVE_PLURAL, ns),
+                    functools.partial(custom.list_namespaced_custom_object, group,
+                                      OBJECTIVE_VERSION, ns, OBJECTIVE_PLURAL),
+                    functools.partial(objective_priority, pool_name=pool_name),
+                    self._publish_objectives))
+            if self._rewrites_sink is not None:
+                self._rewrites.append(reflector(
+                    Resource(group, OBJECTIVE_VERSION, REWRITE_PLURAL, ns),
+                    functools.partial(custom.list_namespaced_custom_object, group,
+                                      OBJECTIVE_VERSION, ns, REWRITE_PLURAL),
+                    functools.partial(model_rewrite, pool_name=pool_name),
+                    self._publish_rewrites))
 
     async def _initial_sync(self) -> None:
         listed: list[Reflector[Any]] = []
@@ -408,10 +491,12 @@ class KubernetesDiscovery:
                 await self._until_done(r, r.list)
                 listed.append(r)
             except KubeAPIError as exc:
-                if r is self._objectives and exc.status == 404:
-                    # The objectives CRD is optional: without it every request is priority 0.
-                    log.warning("%s; all requests get priority 0 until it appears",
-                                explain(exc))
+                if exc.status == 404 and (r in self._objectives or r in self._rewrites):
+                    # These CRDs are optional (in either group): without objectives every
+                    # request is priority 0, without rewrites models pass unchanged.
+                    log.warning("%s; %s until it appears", explain(exc),
+                                "all requests get priority 0" if r in self._objectives
+                                else "no model is rewritten")
                     continue
                 raise DiscoveryError(explain(exc)) from None
         if self._pools is not None:
@@ -492,8 +577,9 @@ class KubernetesDiscovery:
     def _publish_objectives(self) -> None:
         if not self._live or self._objectives_sink is None:
             return
-        items = self._objectives.items if self._objectives is not None else {}
-        objectives = {name: p for name, p in items.items() if p is not None}
+        objectives: dict[str, int] = {}
+        for r in reversed(self._objectives):  # the first group's objects win a clash
+            objectives.update((name, p) for name, p in r.items.items() if p is not None)
         if objectives != self._published:
             self._published = objectives
             log.info("%s: %d inference objectives", self._where, len(objectives))
@@ -501,6 +587,25 @@ class KubernetesDiscovery:
                 self._objectives_sink(dict(objectives))
             except Exception:  # the consumer's bug must not stop the watch
                 log.exception("objectives sink failed")
+
+
+    def _publish_rewrites(self) -> None:
+        if not self._live or self._rewrites_sink is None:
+            return
+        seen: set[str] = set()
+        rewrites: list[ModelRewrite] = []
+        for r in self._rewrites:  # the first group's objects win a name clash
+            for name, rewrite in sorted(r.items.items()):
+                if rewrite is not None and name not in seen:
+                    seen.add(name)
+                    rewrites.append(rewrite)
+        if rewrites != self._published_rewrites:
+            self._published_rewrites = rewrites
+            log.info("%s: %d inference model rewrites", self._where, len(rewrites))
+            try:
+                self._rewrites_sink(list(rewrites))
+            except Exception:  # the consumer's bug must not stop the watch
+                log.exception("model rewrites sink failed")
 
 
 def _few(names: set[str], limit: int = 5) -> str:

@@ -94,14 +94,20 @@ def routed_headers_response(
 
 
 def routed_body_response(
-    destination: str, set_headers: Mapping[str, str], remove_headers: Sequence[str]
+    destination: str, set_headers: Mapping[str, str], remove_headers: Sequence[str],
+    *, body: bytes | None = None
 ) -> pb.ProcessingResponse:
-    """BUFFERED mode: route in the body answer (its header mutation applies to the request)."""
+    """BUFFERED mode: route in the body answer (its header mutation applies to the request).
+    ``body`` replaces the buffered body, with ``content-length`` set to its size."""
     headers = {DESTINATION_HEADER: destination, **set_headers}
+    if body is not None:
+        headers["content-length"] = str(len(body))
+        remove_headers = [h for h in remove_headers if h != "content-length"]
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 header_mutation=header_mutation(headers, remove_headers),
+                body_mutation=None if body is None else pb.BodyMutation(body=body),
                 clear_route_cache=True,
             )
         ),

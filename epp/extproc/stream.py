@@ -42,6 +42,10 @@ class RoutedRequest(Protocol):
     @property
     def remove_headers(self) -> Sequence[str]: ...
 
+    @property
+    def body(self) -> bytes | None:
+        """A body to forward instead of the one received (None: forward it unchanged)."""
+
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None: ...
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None: ...
@@ -248,15 +252,18 @@ class ProtocolStream:
         self._body = []
         routed = await self._route(raw or None)
         self.phase = Phase.UPSTREAM
+        replacement = routed.body
         if self._request_mode == BUFFERED:
             return [msg.routed_body_response(
-                routed.destination, routed.set_headers, routed.remove_headers)]
+                routed.destination, routed.set_headers, routed.remove_headers,
+                body=replacement)]
         # Duplex: headers answer first, then the body. The body is re-sent without a
         # content-length, so Envoy forwards it chunked.
         remove = ("content-length", *routed.remove_headers)
         return [
             msg.routed_headers_response(routed.destination, routed.set_headers, remove),
-            *msg.streamed_body_chunks(raw, end_of_stream=end_of_stream),
+            *msg.streamed_body_chunks(raw if replacement is None else replacement,
+                                      end_of_stream=end_of_stream),
         ]
 
     async def _route(self, body: bytes | None) -> RoutedRequest:

@@ -10,7 +10,9 @@ from epp.errors import UnschedulableError
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
+# llm-d-router's name first; GIE's older name is still honoured.
+OBJECTIVE_HEADERS = ("x-llm-d-inference-objective", "x-gateway-inference-objective")
+OBJECTIVE_HEADER = OBJECTIVE_HEADERS[1]
 
 
 class SaturationDetector:
@@ -52,8 +54,9 @@ class Admission:
         self._objectives = dict(objectives)
 
     def priority(self, headers: Mapping[str, str]) -> int:
-        """The request's priority; no header or an unknown objective -> 0."""
-        name = headers.get(OBJECTIVE_HEADER)
+        """The request's priority; no header or an unknown objective -> 0. When both header
+        names are present, the llm-d one wins."""
+        name = next((v for v in map(headers.get, OBJECTIVE_HEADERS) if v), None)
         if not name:
             return 0
         priority = self._objectives.get(name)

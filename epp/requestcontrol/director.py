@@ -13,9 +13,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from epp.api.openai import LLMRequest, parse_request
+from epp.api.openai import LLMRequest, parse_request, with_model
 from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
+from epp.datastore.model_rewrites import ModelRewrites
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.supervise import LogLimiter
@@ -44,6 +45,11 @@ CONTROL_HEADERS = (
     "x-gateway-destination-endpoint-subset",
     "x-gateway-destination-endpoint-served",
 )
+# The model a request is to be sent as (llm-d's name first, GIE's older one still read).
+# An InferenceModelRewrite rule for the request's model takes precedence, as upstream.
+MODEL_REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite")
+# Cycle-state key of a rewrite applied to the request: {"from", "to", "by"}.
+MODEL_REWRITE_KEY = "model-rewrite"
 # The conformance suite's header that forces a pick; stripped unless that test mode is on.
 TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
 # Budget of the whole prefix step (tokenize, hash, look up) per request. A render call to
@@ -114,8 +120,8 @@ class RequestHandle:
     """A routed request: its destination and what happens to its response."""
 
     __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
-                 "remove_headers", "status", "usage", "prompt_tokens", "_director", "_start",
-                 "_parser", "_done", "counted")
+                 "remove_headers", "body", "status", "usage", "prompt_tokens", "_director",
+                 "_start", "_parser", "_done", "counted")
 
     def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
                  remove_headers: Sequence[str], tokens: int) -> None:
@@ -125,6 +131,10 @@ class RequestHandle:
         self.destination = ",".join(e.address for e in self.endpoints)
         self.set_headers: dict[str, str] = {}
         self.remove_headers: tuple[str, ...] = tuple(remove_headers)
+        # The body to forward instead of the client's (its model rewritten), or None.
+        self.body: bytes | None = None
+        if MODEL_REWRITE_KEY in ctx.cycle and ctx.request is not None:
+            self.body = ctx.request.raw_body
         self.status = 0
         self.usage: Usage | None = None
         self.prompt_tokens = tokens  # counted as in-flight load until the stream ends
@@ -174,8 +184,10 @@ class Director:
                  metrics: EppMetrics, *, producers: Sequence[DataProducer] = (),
                  pre_request: Sequence[PreRequest] = (),
                  response_complete: Sequence[ResponseComplete] = (),
-                 allow_test_header: bool = False) -> None:
+                 allow_test_header: bool = False,
+                 model_rewrites: ModelRewrites | None = None) -> None:
         self._pool = pool
+        self.model_rewrites = model_rewrites or ModelRewrites()
         self._strip = CONTROL_HEADERS if allow_test_header else (
             *CONTROL_HEADERS, TEST_SELECTION_HEADER)
         self.scheduler = scheduler
@@ -213,13 +225,34 @@ class Director:
         """Parse and admit; returns the scheduling context and candidates (``count``:
         whether this is a real request, for the metrics)."""
         request = None
+        rewrite: dict[str, str] | None = None
         if body is not None:
             request = parse_request(headers.get(":path", "/"), body)
+            request, rewrite = self._rewrite_model(request, headers)
         candidates = self.candidates(subset, count=count)
         now = time.monotonic()
         priority = self.admission.priority(headers)
         self.admission.admit(priority, candidates, now)
-        return SchedulingContext(request, headers, now, priority), candidates
+        ctx = SchedulingContext(request, headers, now, priority)
+        if rewrite is not None:
+            ctx.cycle[MODEL_REWRITE_KEY] = rewrite
+        return ctx, candidates
+
+    def _rewrite_model(self, request: LLMRequest, headers: Mapping[str, str]
+                       ) -> tuple[LLMRequest, dict[str, str] | None]:
+        """The request as it is to be served: an InferenceModelRewrite rule for its model,
+        else the rewrite header, names the model; the body is rewritten before anything
+        tokenizes or matches it, so the prefix match is the served model's."""
+        incoming = request.model
+        target = self.model_rewrites.target(incoming)
+        by = "InferenceModelRewrite"
+        if target is None:
+            target = next((v.strip() for v in map(headers.get, MODEL_REWRITE_HEADERS)
+                           if v and v.strip()), None)
+            by = "header"
+        if target is None or target == incoming:
+            return request, None
+        return with_model(request, target), {"from": incoming, "to": target, "by": by}
 
     async def _produce(self, ctx: SchedulingContext, candidates: Sequence[Endpoint], *,
                        count: bool = True) -> None:
@@ -284,6 +317,7 @@ class Director:
         match = ctx.cycle.get(PREFIX_MATCH_KEY)
         out: dict[str, Any] = {
             "model": ctx.model,
+            "model_rewrite": ctx.cycle.get(MODEL_REWRITE_KEY),
             "priority": ctx.priority,
             "candidates": [{"name": e.name, "address": e.address, "role": e.role}
                            for e in candidates],

@@ -7,7 +7,8 @@ from tests.k8sfake.server import (
     make_objective,
     make_pod,
     make_pool,
+    make_rewrite,
 )
 
 __all__ = ["DEFAULT_NAMESPACE", "FakeKubeServer", "Request", "make_objective", "make_pod",
-           "make_pool"]
+           "make_pool", "make_rewrite"]

@@ -1,6 +1,10 @@
 """An in-test Kubernetes API server that speaks the real list/watch protocol.
 
-It serves pods, InferencePools and InferenceObjectives on a free loopback port (aiohttp):
+It serves pods, InferencePools, and InferenceObjectives and InferenceModelRewrites in both
+their API groups on a free loopback port (aiohttp). Tests name a resource by its plural,
+qualified by the group where the plural is served twice: ``inferenceobjectives`` is the
+old ``inference.networking.x-k8s.io`` group, ``inferenceobjectives.llm-d.ai`` the new one
+(likewise ``inferencemodelrewrites``):
 
 * LIST ``GET .../namespaces/{ns}/{plural}`` -> ``{"items": [...], "metadata":
   {"resourceVersion": "N"}}``; ``fieldSelector=metadata.name=X`` and equality
@@ -37,6 +41,7 @@ from aiohttp import web
 DEFAULT_NAMESPACE = "default"
 POOL_GROUP = "inference.networking.k8s.io"
 OBJECTIVE_GROUP = "inference.networking.x-k8s.io"
+LLMD_GROUP = "llm-d.ai"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Kind:
     version: str
     plural: str
     kind: str
+    key: str = ""  # how tests name it: the plural, qualified when served by two groups
 
     @property
     def api_version(self) -> str:
@@ -52,12 +58,21 @@ class Kind:
 
 
 KINDS = {
-    k.plural: k for k in (
+    k.key or k.plural: k for k in (
         Kind("", "v1", "pods", "Pod"),
         Kind(POOL_GROUP, "v1", "inferencepools", "InferencePool"),
         Kind(OBJECTIVE_GROUP, "v1alpha2", "inferenceobjectives", "InferenceObjective"),
+        Kind(LLMD_GROUP, "v1alpha2", "inferenceobjectives", "InferenceObjective",
+             "inferenceobjectives.llm-d.ai"),
+        Kind(OBJECTIVE_GROUP, "v1alpha2", "inferencemodelrewrites", "InferenceModelRewrite"),
+        Kind(LLMD_GROUP, "v1alpha2", "inferencemodelrewrites", "InferenceModelRewrite",
+             "inferencemodelrewrites.llm-d.ai"),
     )
 }
+
+
+def _key(kind: Kind) -> str:
+    return kind.key or kind.plural
 
 
 @dataclass
@@ -175,6 +190,7 @@ class FakeKubeServer:
         old = self.objects.get(key)
         meta["uid"] = old["metadata"]["uid"] if old else f"uid-{next(self._uids)}"
         meta["resourceVersion"] = str(self._next_rv())
+        meta.setdefault("creationTimestamp", f"2026-01-01T00:00:{self._rv % 60:02d}Z")
         obj["apiVersion"], obj["kind"] = kind.api_version, kind.kind
         self.objects[key] = obj
         self._emit(plural, "MODIFIED" if old else "ADDED", obj)
@@ -260,22 +276,22 @@ class FakeKubeServer:
 
     def _resolve(self, request: web.Request) -> Kind | web.Response:
         info = request.match_info
-        kind = KINDS.get(info["plural"])
-        if (kind is None or kind.group != info.get("group", "")
-                or kind.version != info.get("version", "v1")
-                or kind.plural not in self._installed):
+        kind = next((k for k in KINDS.values() if k.plural == info["plural"]
+                     and k.group == info.get("group", "")
+                     and k.version == info.get("version", "v1")), None)
+        if kind is None or _key(kind) not in self._installed:
             return web.json_response(_status(404, "NotFound",
                                              "the server could not find the requested resource"),
                                      status=404)
         return kind
 
     def _refuse(self, kind: Kind, verb: str, ns: str) -> web.Response | None:
-        if (kind.plural, verb) in self._forbidden:
+        if (_key(kind), verb) in self._forbidden:
             message = (f'{kind.plural} is forbidden: User "system:serviceaccount:{ns}:epp" '
                        f'cannot {verb} resource "{kind.plural}" in API group "{kind.group}" '
                        f'in the namespace "{ns}"')
             return web.json_response(_status(403, "Forbidden", message), status=403)
-        pending = self._failures.get((kind.plural, verb))
+        pending = self._failures.get((_key(kind), verb))
         if pending:
             code = pending.pop(0)
             return web.json_response(_status(code, "InternalError", "injected failure"),
@@ -316,11 +332,11 @@ class FakeKubeServer:
         if isinstance(kind, web.Response):
             return kind
         ns, name = request.match_info["ns"], request.match_info["name"]
-        self.requests.append(Request("get", kind.plural, None, None, None))
+        self.requests.append(Request("get", _key(kind), None, None, None))
         refused = self._refuse(kind, "get", ns)
         if refused is not None:
             return refused
-        obj = self.objects.get((kind.plural, ns, name))
+        obj = self.objects.get((_key(kind), ns, name))
         if obj is None:
             return web.json_response(
                 _status(404, "NotFound", f'{kind.plural} "{name}" not found'), status=404)
@@ -333,7 +349,7 @@ class FakeKubeServer:
         q = request.query
         verb = "watch" if _truthy(q.get("watch")) else "list"
         ns = request.match_info["ns"]
-        self.requests.append(Request(verb, kind.plural, q.get("resourceVersion"),
+        self.requests.append(Request(verb, _key(kind), q.get("resourceVersion"),
                                      q.get("timeoutSeconds"), q.get("fieldSelector")))
         refused = self._refuse(kind, verb, ns)
         if refused is not None:
@@ -341,7 +357,7 @@ class FakeKubeServer:
         matches = self._matcher(ns, q)
         if verb == "list":
             items = [copy.deepcopy(o) for (p, _, _), o in sorted(self.objects.items())
-                     if p == kind.plural and matches(o)]
+                     if p == _key(kind) and matches(o)]
             return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                                       "metadata": {"resourceVersion": str(self._rv)},
                                       "items": items})
@@ -351,12 +367,12 @@ class FakeKubeServer:
                      matches: Callable[[dict[str, Any]], bool]) -> web.StreamResponse:
         q = request.query
         since = q.get("resourceVersion") or "0"
-        watcher = _Watcher(kind.plural, matches, _truthy(q.get("allowWatchBookmarks")))
+        watcher = _Watcher(_key(kind), matches, _truthy(q.get("allowWatchBookmarks")))
         backlog: list[Any] = []
         if since == "0":  # "any version": start with the current state
             backlog = [{"type": "ADDED", "object": copy.deepcopy(o)}
                        for (p, _, _), o in sorted(self.objects.items())
-                       if p == kind.plural and matches(o)]
+                       if p == _key(kind) and matches(o)]
         elif int(since) < self._compacted:
             gone = _status(410, "Expired",
                            f"too old resource version: {since} ({self._compacted})")
@@ -365,7 +381,7 @@ class FakeKubeServer:
             backlog = [{"type": "ERROR", "object": gone}, _CLOSE]
         else:
             backlog = [e for rv, p, e in self._history
-                       if rv > int(since) and p == kind.plural and matches(e["object"])]
+                       if rv > int(since) and p == _key(kind) and matches(e["object"])]
         if not backlog or backlog[-1] != _CLOSE:
             self._watchers.add(watcher)  # no await since the backlog was taken: no gap
         for item in backlog:
@@ -381,7 +397,7 @@ class FakeKubeServer:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     if watcher.bookmarks:
-                        await resp.write(json.dumps(self._bookmark(kind.plural)).encode() + b"\n")
+                        await resp.write(json.dumps(self._bookmark(_key(kind))).encode() + b"\n")
                     break
                 try:
                     item = await asyncio.wait_for(watcher.queue.get(), remaining)
@@ -440,3 +456,16 @@ def make_objective(name: str, pool: str, priority: int | None = None, *,
     if priority is not None:
         spec["priority"] = priority
     return {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def make_rewrite(name: str, pool: str, rules: list[dict[str, Any]], *,
+                 namespace: str = DEFAULT_NAMESPACE,
+                 created: str | None = None) -> dict[str, Any]:
+    """An InferenceModelRewrite (v1alpha2) for ``pool``; ``rules`` as the API writes them
+    (``{"matches": [{"model": {"value": m}}], "targets": [{"modelRewrite": t}]}``)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if created is not None:
+        meta["creationTimestamp"] = created
+    return {"metadata": meta,
+            "spec": {"poolRef": {"group": POOL_GROUP, "kind": "InferencePool", "name": pool},
+                     "rules": rules}}

@@ -44,3 +44,14 @@ def test_only_sheddable_requests_are_shed() -> None:
     adm.admit(5, full, NOW)
     adm.admit(0, full, NOW)
     adm.admit(-1, [ep(1)], NOW)
+
+
+def test_objective_header_new_and_old_names() -> None:
+    adm = Admission({"critical": 5, "batch": -1}, SaturationDetector(5, 0.8, 0.5))
+    assert adm.priority({"x-llm-d-inference-objective": "batch"}) == -1
+    assert adm.priority({"x-gateway-inference-objective": "batch"}) == -1
+    # Both present: llm-d's name wins; an empty one does not hide the other.
+    assert adm.priority({"x-llm-d-inference-objective": "critical",
+                         "x-gateway-inference-objective": "batch"}) == 5
+    assert adm.priority({"x-llm-d-inference-objective": "",
+                         "x-gateway-inference-objective": "batch"}) == -1

@@ -772,6 +772,9 @@ def test_rbac_grants_exactly_what_the_epp_watches(overlay: tuple[str, Manifests]
         ("", "pods"): {"get", "list", "watch"},
         ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
         ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
+        ("inference.networking.x-k8s.io", "inferencemodelrewrites"): {"get", "list", "watch"},
+        ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
+        ("llm-d.ai", "inferencemodelrewrites"): {"get", "list", "watch"},
     }
     assert not m.of_kind("ClusterRole") and not m.of_kind("ClusterRoleBinding")
 
