@@ -21,16 +21,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.cli import parse_args, settings_from_args
+from epp.config import ConfigError, EppSettings
 from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
 from epp.extproc import certs
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
-from epp.extproc.tls import describe_cleartext
+from epp.extproc.tls import TlsServerProtocol, describe_cleartext
+from epp.extproc.tls import log as tls_log
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
+from epp.runner import build_app
 from epp.scheduling.types import ProfileResult, SchedulingResult
+from epp.supervise import LogLimiter
 from tests.h2client import H2Client
 from tests.tlsutil import issue, make_ca, probe, write_pair
 
@@ -128,7 +133,7 @@ def director() -> Director:
     return Director(pool, First(), Admission({}, SaturationDetector(5, 0.8, 0.5)), EppMetrics())
 
 
-Serve = Callable[[certs.ExtProcTls], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+Serve = Callable[[certs.ExtProcTls], Awaitable[int]]  # starts a server, returns its port
 
 
 async def _serve_h2(tls: certs.ExtProcTls) -> tuple[int, Callable[[], Awaitable[None]]]:
@@ -154,7 +159,7 @@ async def serve(request: pytest.FixtureRequest) -> AsyncIterator[Serve]:
         stops.append(stop)
         return port
 
-    yield start  # type: ignore[misc]
+    yield start
     for stop in stops:
         await stop()
 
@@ -179,7 +184,7 @@ def _channel(port: int, ca_pem: bytes) -> grpc.aio.Channel:
 @pytest.mark.asyncio
 async def test_self_signed_tls_routes_with_alpn_h2(serve: Serve) -> None:
     tls = await asyncio.to_thread(certs.ExtProcTls.create, None)
-    port = await serve(tls)  # type: ignore[func-returns-value]
+    port = await serve(tls)
     # A client that trusts the self-signed certificate itself verifies it for localhost.
     pem = tls.certificate.chain_pem
     async with _channel(port, pem) as channel:
@@ -196,7 +201,7 @@ async def test_rotation_reaches_new_connections_and_keeps_established_ones(
     first, second = issue(ca, ["localhost"]), issue(ca, ["localhost"])
     write_pair(tmp_path, first)
     tls = await asyncio.to_thread(certs.ExtProcTls.create, str(tmp_path), enable_reload=True)
-    port = await serve(tls)  # type: ignore[func-returns-value]
+    port = await serve(tls)
     async with _channel(port, ca.pem) as established:
         await _exchange(established)
         assert (await asyncio.to_thread(probe, port, cadata=ca.pem)).serial == \
@@ -251,3 +256,76 @@ async def test_cleartext_client_on_the_tls_port_is_logged_and_the_server_serves_
             await _exchange(channel)
     finally:
         await server.stop(1.0)
+
+
+# -- flags, settings, start-up ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], (True, None, False, "1.2")),
+    (["--secure-serving=false"], (False, None, False, "1.2")),
+    (["--secure-serving=true", "--cert-path", "/certs", "--enable-cert-reload"],
+     (True, "/certs", True, "1.2")),
+    (["--secure-serving", "--enable-cert-reload=false", "--tls-min-version", "1.3"],
+     (True, None, False, "1.3")),
+])
+def test_tls_flags_in_the_forms_the_chart_renders(flags: list[str],
+                                                  expected: tuple[object, ...]) -> None:
+    s = settings_from_args(parse_args(["--endpoints-file", "e.yaml", *flags]))
+    assert (s.secure_serving, s.cert_path, s.enable_cert_reload, s.tls_min_version) == expected
+
+
+def test_settings_refuse_tls_1_3_on_grpc_and_unknown_versions() -> None:
+    with pytest.raises(ConfigError, match="needs --extproc-server h2"):
+        EppSettings(endpoints_file="e.yaml", extproc_server="grpc", tls_min_version="1.3")
+    with pytest.raises(ConfigError, match="tls-min-version"):
+        EppSettings(endpoints_file="e.yaml", tls_min_version="1.0")
+    # Without TLS the floor does not matter.
+    EppSettings(endpoints_file="e.yaml", extproc_server="grpc", tls_min_version="1.3",
+                secure_serving=False)
+
+
+@pytest.mark.asyncio
+async def test_app_with_an_unreadable_cert_path_fails_start_up_naming_the_file(
+        tmp_path: Path) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+    app = build_app(EppSettings(endpoints_file=str(endpoints), bind_address="127.0.0.1",
+                                grpc_port=0, health_port=0, metrics_port=0,
+                                cert_path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="cannot read .*tls.crt"):
+        await app.start()
+
+
+class _Inner(asyncio.Protocol):
+    """Records what the TLS layer hands to the application protocol."""
+
+    def __init__(self) -> None:
+        self.made = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_never_finishes_its_handshake_is_closed_and_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    tls = certs.ExtProcTls(certs.generate_self_signed(["localhost"], []))
+    inner = _Inner()
+    failures: list[str] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: TlsServerProtocol(tls.ssl_context(), inner, LogLimiter(tls_log),
+                                  on_failure=failures.append, handshake_timeout=0.2),
+        "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger="epp.extproc.tls"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+            writer.close()
+        assert failures == ["handshake timeout"] and not inner.made
+        assert any("did not finish" in r.getMessage() for r in caplog.records)
+    finally:
+        server.close()
+        await server.wait_closed()
