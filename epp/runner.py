@@ -16,6 +16,7 @@ from prometheus_client.metrics_core import Metric
 
 from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
+from epp.datalayer.parser import VLLM_METRICS, EngineMetrics
 from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Endpoint, EndpointPool
 from epp.datastore.model_rewrites import ModelRewrites
@@ -82,7 +83,7 @@ class App:
                                       path=cfg.metrics_source.path,
                                       verify_tls=cfg.metrics_source.verify_tls,
                                       on_task_failure=failed,
-                                      metric_names=settings.engine_metrics)
+                                      metric_names=_engine_metrics(settings, cfg))
         self.metrics_auth = MetricsAuthenticator(
             lambda: load_api_client(settings.kubeconfig)) \
             if settings.metrics_endpoint_auth else None
@@ -275,6 +276,19 @@ class _Collected:
 
     def collect(self) -> list[Metric]:
         return self._families
+
+
+def _engine_metrics(settings: EppSettings, cfg: PickerConfig) -> EngineMetrics:
+    """The metric names to scrape: a ``core-metrics-extractor``'s ``defaultEngine`` or the
+    metric-name flags (vLLM's names when neither is given); both naming different ones
+    is refused."""
+    named = cfg.engine_metrics
+    if named is None:
+        return settings.engine_metrics
+    if settings.engine_metrics not in (VLLM_METRICS, named):
+        raise ConfigError("core-metrics-extractor defaultEngine and the model-server "
+                          "metric-name flags name different metrics; give one of them")
+    return named
 
 
 def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerConfig:

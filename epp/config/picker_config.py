@@ -15,6 +15,7 @@ import msgspec
 import yaml
 
 from epp.config.settings import ConfigError
+from epp.datalayer.parser import EngineMetrics
 from epp.config.upstream import (
     NOT_IMPLEMENTED,
     PARSER_TYPES,
@@ -186,6 +187,13 @@ class PickerConfig:
     objectives: dict[str, int] = field(default_factory=dict)
     plugins: dict[str, Any] = field(default_factory=dict)
     metrics_source: MetricsSourceSettings = field(default_factory=MetricsSourceSettings)
+
+    @property
+    def engine_metrics(self) -> EngineMetrics | None:
+        """The metric names a ``core-metrics-extractor`` named by engine (None: none did)."""
+        named = {p.engine_metrics for p in self.plugins.values()
+                 if isinstance(p, CoreMetricsExtractor) and p.engine_metrics is not None}
+        return named.pop() if len(named) == 1 else None
 
     @property
     def pre_request(self) -> list[Any]:
@@ -411,6 +419,12 @@ def _metrics_source(spec: ConfigSpec, plugins: dict[str, Any], registry: PluginR
                         f"{at}.extractors[{j}].pluginRef: {ext.plugin_ref!r} "
                         f"({extractor.type_name}) is not an extractor; use "
                         f"{CoreMetricsExtractor.type_name}")
+    engines = {p.name: p.engine_metrics for p in plugins.values()
+               if isinstance(p, CoreMetricsExtractor) and p.engine_metrics is not None}
+    if len(set(engines.values())) > 1:
+        raise ConfigError(f"{source}: plugins: core-metrics-extractor plugins name different "
+                          f"engines ({', '.join(engines)}); every pod is scraped by one set "
+                          "of metric names here")
     sources = [p for p in plugins.values() if isinstance(p, MetricsDataSource)]
     if len(sources) > 1:
         raise ConfigError(f"{source}: plugins: at most one {MetricsDataSource.type_name} "

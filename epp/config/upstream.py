@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from epp.datalayer.parser import SGLANG_METRICS, VLLM_METRICS, EngineMetrics
 from epp.scheduling.registry import PluginDeps, PluginParams, PluginRegistry
 
 # The metrics page path and scheme every engine we scrape serves (vLLM, SGLang, TGI).
@@ -24,8 +25,11 @@ DEFAULT_METRICS_PATH = "/metrics"
 # Upstream skips certificate checks of in-cluster model servers unless told otherwise:
 # pods rarely carry certificates a picker could verify.
 DEFAULT_INSECURE_SKIP_VERIFY = True
-# The only engine whose metric names the scraper reads without per-metric flags.
+# Upstream's engine when a pod carries no engine label.
 DEFAULT_ENGINE = "vllm"
+# Engines whose metric names are built in (upstream also knows trtllm-serve and
+# triton-tensorrt-llm: name their metrics with the metric-name flags instead).
+ENGINE_METRICS: dict[str, EngineMetrics] = {"vllm": VLLM_METRICS, "sglang": SGLANG_METRICS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,24 +82,31 @@ class MetricsDataSource(_ConfigOnly):
 class CoreMetricsExtractorParams(PluginParams):
     """``core-metrics-extractor`` parameters (upstream names)."""
 
-    default_engine: str = DEFAULT_ENGINE
+    default_engine: str | None = None
 
 
 class CoreMetricsExtractor(_ConfigOnly):
-    """Upstream's metric-name mapping per engine. The scraper reads vLLM's names; other
-    engines are refused here rather than scraped into zeros."""
+    """Upstream's metric names per engine: ``defaultEngine`` picks which names the scraper
+    reads for every pod (per-pod engine labels are not read here). An engine without
+    built-in names is refused rather than scraped into zeros."""
 
     type_name = "core-metrics-extractor"
     Params = CoreMetricsExtractorParams
 
+    def __init__(self, name: str, engine_metrics: EngineMetrics | None) -> None:
+        super().__init__(name)
+        self.engine_metrics = engine_metrics  # None: no engine named, the flags decide
+
     @classmethod
     def from_config(cls, name: str, params: Any, deps: PluginDeps) -> Any:
-        if params.default_engine != DEFAULT_ENGINE:
+        engine = params.default_engine
+        if engine is not None and engine not in ENGINE_METRICS:
             raise ValueError(
-                f"defaultEngine {params.default_engine!r} is not built in (only "
-                f"{DEFAULT_ENGINE!r}); name that engine's metrics with the scraper's "
-                "metric-name flags and drop defaultEngine")
-        return cls(name)
+                f"defaultEngine {engine!r} has no built-in metric names (built in: "
+                f"{', '.join(ENGINE_METRICS)}); drop defaultEngine and name its metrics "
+                "with --total-queued-requests-metric, --total-running-requests-metric and "
+                "--kv-cache-usage-percentage-metric")
+        return cls(name, None if engine is None else ENGINE_METRICS[engine])
 
 
 class UtilizationDetectorParams(PluginParams):

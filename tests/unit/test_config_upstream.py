@@ -137,7 +137,8 @@ def test_saturation_detector_plugin_ref() -> None:
     cfg = load_picker_config(_with_plugins(
         "- {name: a, type: utilization-detector, parameters: {queueDepthThreshold: 3}}\n"
         "- {name: b, type: utilization-detector, parameters: {queueDepthThreshold: 7}}\n",
-        "saturationDetector: {pluginRef: a}\nflowControl:\n  saturationDetector: {pluginRef: b}\n"))
+        "saturationDetector: {pluginRef: a}\n"
+        "flowControl:\n  saturationDetector: {pluginRef: b}\n"))
     assert cfg.saturation.queue_depth_threshold == 7
     # GIE's older inline thresholds still work.
     cfg = load_picker_config(BASE + "saturationDetector: {queueDepthThreshold: 9}\n")
@@ -208,9 +209,16 @@ def test_inert_flow_control_settings_are_logged(caplog: pytest.LogCaptureFixture
     (_with_plugins("- {type: metrics-data-source, parameters: {caCertPath: /ca.pem}}\n"),
      "config: plugins[1].parameters (metrics-data-source): Object contains unknown field "
      "`caCertPath`"),
-    (_with_plugins("- {type: core-metrics-extractor, parameters: {defaultEngine: sglang}}\n"),
-     "config: plugins[1].parameters (core-metrics-extractor): defaultEngine 'sglang' is not "
-     "built in (only 'vllm')"),
+    (_with_plugins("- type: core-metrics-extractor\n"
+                   "  parameters: {defaultEngine: trtllm-serve}\n"),
+     "config: plugins[1].parameters (core-metrics-extractor): defaultEngine 'trtllm-serve' has "
+     "no built-in metric names (built in: vllm, sglang); drop defaultEngine and name its "
+     "metrics with --total-queued-requests-metric"),
+    (_with_plugins("- {name: a, type: core-metrics-extractor,"
+                   " parameters: {defaultEngine: vllm}}\n"
+                   "- {name: b, type: core-metrics-extractor,"
+                   " parameters: {defaultEngine: sglang}}\n"),
+     "config: plugins: core-metrics-extractor plugins name different engines (a, b)"),
     (_with_plugins("- {type: utilization-detector, parameters: {headroom: 0.2}}\n"),
      "config: plugins[1].parameters (utilization-detector): headroom is not implemented"),
     (_with_plugins("- {type: utilization-detector, parameters: "
@@ -269,3 +277,29 @@ def test_epp_builds_from_the_chart_default_file(tmp_path: Path) -> None:
     profile = app.picker_config.scheduler.profiles["default"]
     assert [w.weight for w in profile.scorers] == [2.0, 2.0, 3.0]
     assert app.scraper._path == "/vllm/metrics"
+
+
+def test_default_engine_picks_the_scraped_metric_names(tmp_path: Path) -> None:
+    """``defaultEngine: sglang`` (what the chart renders for SGLang pools) makes the scraper
+    read SGLang's names; naming other metrics by flag as well is refused."""
+    from epp.config import EppSettings
+    from epp.datalayer.parser import SGLANG_METRICS, VLLM_METRICS, EngineMetrics
+    from epp.runner import build_app
+
+    assert load_picker_config(CHART_DEFAULT).engine_metrics is None  # the flags decide
+    text = CHART_DEFAULT.replace("- type: core-metrics-extractor\n",
+                                 "- type: core-metrics-extractor\n"
+                                 "  parameters: {defaultEngine: sglang}\n")
+    assert load_picker_config(text).engine_metrics == SGLANG_METRICS
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints:\n- {address: 10.0.0.1:8000}\n")
+    settings = {"endpoints_file": str(endpoints), "config_text": text,
+                "grpc_port": 0, "health_port": 0, "metrics_port": 0}
+    app = build_app(EppSettings(**settings))  # type: ignore[arg-type]
+    assert app.scraper._names == SGLANG_METRICS
+    same = EppSettings(**settings, engine_metrics=SGLANG_METRICS)  # type: ignore[arg-type]
+    assert build_app(same).scraper._names == SGLANG_METRICS
+    custom = EngineMetrics.from_specs("q", "r", "kv")
+    assert custom != VLLM_METRICS
+    with pytest.raises(ConfigError, match="name different metrics"):
+        build_app(EppSettings(**settings, engine_metrics=custom))  # type: ignore[arg-type]
