@@ -103,6 +103,24 @@ def test_reloader_installs_a_rotation_once_and_waits_out_a_half_written_one(
     assert not reloader.check()
 
 
+def test_reloader_follows_a_secret_volume_symlink_swap(tmp_path: Path) -> None:
+    """The kubelet updates a Secret volume by writing a new timestamped directory and
+    atomically repointing ``..data``; tls.crt and tls.key are links through it."""
+    ca = make_ca()
+    first, second = issue(ca, ["epp"]), issue(ca, ["epp"])
+    write_pair(tmp_path / "..2026_01_01", first)
+    (tmp_path / "..data").symlink_to("..2026_01_01")
+    for name in (certs.CERT_FILE, certs.KEY_FILE):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    reloader = certs.CertificateReloader(tmp_path)
+    assert reloader.current == first
+    write_pair(tmp_path / "..2026_03_01", second)
+    (tmp_path / "..data_tmp").symlink_to("..2026_03_01")
+    (tmp_path / "..data_tmp").replace(tmp_path / "..data")
+    assert reloader.check()
+    assert reloader.current == second
+
+
 def test_tls_min_version_must_be_known() -> None:
     with pytest.raises(certs.CertificateError, match="tls-min-version"):
         certs.ExtProcTls(certs.generate_self_signed(["localhost"], []), min_version="1.1")
