@@ -74,7 +74,8 @@ def local_names() -> tuple[list[str], list[str]]:
     name in Kubernetes), the addresses it resolves to (the pod IP), ``$POD_IP`` when the
     Deployment sets it, and localhost."""
     hostname = socket.gethostname()
-    dns = [n for n in (hostname, socket.getfqdn(hostname), "localhost") if n]
+    # No reverse lookup (getfqdn): with a slow resolver it would stall start-up.
+    dns = [n for n in (hostname, "localhost") if n]
     ips = ["127.0.0.1", "::1"]
     if os.environ.get("POD_IP"):
         ips.append(os.environ["POD_IP"])
