@@ -5,6 +5,7 @@ before reading the server's SETTINGS, and stop granting flow-control window."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from dataclasses import dataclass, field
 
@@ -74,8 +75,11 @@ class H2Client:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def connect(self, port: int, *, send_preface: bool = True) -> None:
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(self, port: int, *, send_preface: bool = True,
+                      tls: ssl.SSLContext | None = None) -> None:
+        """Connect (over TLS when ``tls`` is given, for the name localhost)."""
+        self._reader, self._writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None)
         if self._window is not None:
             self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._window})
@@ -151,7 +155,7 @@ class H2Client:
                 for event in self.conn.receive_data(data):
                     self._on_event(event)
                 self.flush()
-        except (ConnectionError, h2.exceptions.ProtocolError) as exc:
+        except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
             self.error = exc
         finally:
             self.closed.set()

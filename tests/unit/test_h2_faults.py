@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
-from epp.extproc import h2server
+from epp.extproc import certs, h2server
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.kvcache.match import PrefixMatch
@@ -67,6 +68,7 @@ class Rig:
     gate: Gate
     kind: str
     h2: H2ExtProcServer | None
+    tls: ssl.SSLContext | None = None  # the client side, when the server serves TLS
 
     def aborted(self) -> float:
         return self.metrics.registry.get_sample_value(
@@ -87,10 +89,16 @@ async def start_rig(kind: str, gated: bool = False, **h2_options: Any
         gate.closed = True
     director = Director(pool, First(), Admission({}, SaturationDetector(5, 0.8, 0.5)),
                         metrics, producers=[gate])
-    if kind == "h2":
+    if kind in ("h2", "h2-tls"):
+        client_tls = None
+        if kind == "h2-tls":
+            cert = certs.generate_self_signed(["localhost"], [])
+            h2_options["ssl_context"] = certs.server_context(cert)
+            client_tls = ssl.create_default_context(cadata=cert.chain_pem.decode())
+            client_tls.set_alpn_protocols(["h2"])
         server = H2ExtProcServer(director, **h2_options)
         port = await server.start("127.0.0.1", 0)
-        return Rig(port, endpoint, metrics, gate, kind, server), server.stop
+        return Rig(port, endpoint, metrics, gate, kind, server, client_tls), server.stop
     aio = grpc.aio.server()
     add_to_server(ExtProcServicer(director), aio)
     port = aio.add_insecure_port("127.0.0.1:0")
@@ -98,14 +106,16 @@ async def start_rig(kind: str, gated: bool = False, **h2_options: Any
     return Rig(port, endpoint, metrics, gate, kind, None), aio.stop
 
 
-@pytest_asyncio.fixture(params=["h2", "grpc"])
+# Every fault on each transport; the h2 server also over TLS (its own TLS layer sits
+# between the socket and the HTTP/2 state machine, flow control included).
+@pytest_asyncio.fixture(params=["h2", "h2-tls", "grpc"])
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     r, stop = await start_rig(request.param)
     yield r
     await stop(0.5)
 
 
-@pytest_asyncio.fixture(params=["h2", "grpc"])
+@pytest_asyncio.fixture(params=["h2", "h2-tls", "grpc"])
 async def gated(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     r, stop = await start_rig(request.param, gated=True)
     yield r
@@ -113,9 +123,9 @@ async def gated(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     await stop(0.5)
 
 
-async def client(port: int, **kw: Any) -> H2Client:
+async def client(r: Rig, **kw: Any) -> H2Client:
     c = H2Client(**kw)
-    await c.connect(port)
+    await c.connect(r.port, tls=r.tls)
     return c
 
 
@@ -140,7 +150,7 @@ def assert_completed(result: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_coalesced_headers_and_reset_leave_other_streams_alone(rig: Rig) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         bystander = c.open()
         c.send(bystander, fe.request_headers(), fe.request_body(BODY))
@@ -173,7 +183,7 @@ async def test_coalesced_headers_and_reset_leave_other_streams_alone(rig: Rig) -
 
 @pytest.mark.asyncio
 async def test_undecodable_message_fails_only_its_stream(rig: Rig) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         good = c.open()
         c.send(good, fe.request_headers(), fe.request_body(BODY))
@@ -192,7 +202,7 @@ async def test_undecodable_message_fails_only_its_stream(rig: Rig) -> None:
 
 @pytest.mark.asyncio
 async def test_out_of_order_messages_fail_the_stream_not_the_connection(rig: Rig) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         good = c.open()
         c.send(good, fe.request_headers(), fe.request_body(BODY))
@@ -212,7 +222,7 @@ async def test_out_of_order_messages_fail_the_stream_not_the_connection(rig: Rig
 @pytest.mark.asyncio
 async def test_a_thousand_streams_before_settings_all_succeed(rig: Rig) -> None:
     c = H2Client()
-    await c.connect(rig.port, send_preface=False)
+    await c.connect(rig.port, send_preface=False, tls=rig.tls)
     try:
         # Envoy opens streams before it has read the server's SETTINGS: the preface and
         # 1,000 HEADERS go out in one write; their messages follow as windows allow.
@@ -236,7 +246,7 @@ async def test_a_thousand_streams_before_settings_all_succeed(rig: Rig) -> None:
 @pytest.mark.asyncio
 async def test_streams_over_the_limit_are_refused_one_by_one() -> None:
     r, stop = await start_rig("h2", gated=True, max_concurrent_streams=5)
-    c = await client(r.port)
+    c = await client(r)
     try:
         sids = [c.open() for _ in range(7)]
         for sid in sids:
@@ -259,7 +269,7 @@ async def test_streams_over_the_limit_are_refused_one_by_one() -> None:
 
 @pytest.mark.asyncio
 async def test_reset_while_routing_releases_the_load_once(gated: Rig) -> None:
-    c = await client(gated.port)
+    c = await client(gated)
     try:
         sid = c.open()
         c.send(sid, fe.request_headers(), fe.request_body(BODY))
@@ -278,7 +288,7 @@ async def test_reset_while_routing_releases_the_load_once(gated: Rig) -> None:
 
 @pytest.mark.asyncio
 async def test_connection_loss_while_routing_releases_the_load(gated: Rig) -> None:
-    c = await client(gated.port)
+    c = await client(gated)
     sid = c.open()
     c.send(sid, fe.request_headers(), fe.request_body(BODY))
     c.flush()
@@ -293,7 +303,7 @@ async def test_connection_loss_while_routing_releases_the_load(gated: Rig) -> No
 @pytest.mark.asyncio
 @pytest.mark.parametrize("phase", ["headers", "body", "routed", "response"])
 async def test_reset_at_any_phase_settles_exactly_once(rig: Rig, phase: str) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         sid = c.open()
         if phase != "headers":
@@ -320,7 +330,7 @@ async def test_reset_at_any_phase_settles_exactly_once(rig: Rig, phase: str) -> 
 
 @pytest.mark.asyncio
 async def test_peer_goaway_lets_open_streams_finish(rig: Rig) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         sid = c.open()
         c.send(sid, fe.request_headers(), fe.request_body(BODY))
@@ -338,12 +348,13 @@ async def test_peer_goaway_lets_open_streams_finish(rig: Rig) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_peer_that_stops_reading_cannot_grow_the_buffer() -> None:
-    r, stop = await start_rig("h2")
+@pytest.mark.parametrize("kind", ["h2", "h2-tls"])
+async def test_a_peer_that_stops_reading_cannot_grow_the_buffer(kind: str) -> None:
+    r, stop = await start_rig(kind)
     assert r.h2 is not None
     # The proxy grants 64 KiB per stream and never more on this one.
     c = H2Client(window=65_535)
-    await c.connect(r.port)
+    await c.connect(r.port, tls=r.tls)
     try:
         sid = c.open()
         c.no_ack.add(sid)
@@ -380,7 +391,7 @@ async def test_a_peer_that_stops_reading_cannot_grow_the_buffer() -> None:
 @pytest.mark.asyncio
 async def test_partial_messages_count_against_the_connection_cap() -> None:
     r, stop = await start_rig("h2", connection_buffer=1024 * 1024)
-    c = await client(r.port)
+    c = await client(r)
     try:
         sids = []
         for _ in range(4):
@@ -408,7 +419,7 @@ async def test_partial_messages_count_against_the_connection_cap() -> None:
 
 @pytest.mark.asyncio
 async def test_rapid_reset_flood_leaves_nothing_behind(rig: Rig) -> None:
-    c = await client(rig.port)
+    c = await client(rig)
     try:
         bystander = c.open()
         c.send(bystander, fe.request_headers(), fe.request_body(BODY))
@@ -443,7 +454,7 @@ OPS = st.lists(st.tuples(st.integers(0, 4), st.sampled_from(
 @given(ops=OPS)
 async def test_any_interleaving_of_stream_faults_spares_the_bystander(ops: Any) -> None:
     r, stop = await start_rig("h2")
-    c = await client(r.port)
+    c = await client(r)
     try:
         bystander = c.open()
         c.send(bystander, fe.request_headers(), fe.request_body(BODY))
