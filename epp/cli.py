@@ -44,8 +44,6 @@ IGNORED_UPSTREAM_FLAGS = {
     "zap_stacktrace_level": "tracebacks are logged with errors that carry one",
     "zap_time_encoding": "timestamps are always RFC 3339 (UTC) in json, local in console",
 }
-TRACING_NOT_IMPLEMENTED = ("--tracing: OpenTelemetry tracing is not implemented in this "
-                           "picker; no spans are emitted")
 # --zap-log-level names (zap's), as Python levels.
 _ZAP_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR,
                "panic": logging.CRITICAL}
@@ -178,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_bool(p, "--metrics-endpoint-auth", None,
               "require a bearer token on /metrics, checked with a Kubernetes TokenReview "
               "and SubjectAccessReview (default: true in a pod with Kubernetes discovery)")
-    _add_bool(p, "--tracing", False, "OpenTelemetry tracing (not implemented here)")
+    _add_bool(p, "--tracing", False, "OpenTelemetry spans of the request path, exported "
+              "as the OTEL_* variables say (needs the epp[tracing] extra)")
     _add_bool(p, "--emit-endpoint-scores", False,
               "per-endpoint scheduler scores in the response metadata")
     # Upstream flags accepted and ignored (IGNORED_UPSTREAM_FLAGS says why).
@@ -259,8 +258,6 @@ def ignored_flags(args: argparse.Namespace) -> list[str]:
         if value is not None and value is not False:
             shown = str(value).lower() if isinstance(value, bool) else value
             lines.append(f"--{dest.replace('_', '-')}={shown} accepted and ignored: {reason}")
-    if args.tracing:
-        lines.append(TRACING_NOT_IMPLEMENTED)
     return lines
 
 

@@ -31,6 +31,7 @@ from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, PoolCollector
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
+from epp.observability.tracing import NO_TRACING, Tracing, TracingError, setup_tracing
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
 from epp.requestcontrol.director import Director
@@ -75,6 +76,13 @@ class App:
             pre_request=cfg.pre_request, response_complete=cfg.response_complete,
             allow_test_header=settings.enable_test_endpoint_selection,
             model_rewrites=ModelRewrites(random.Random(settings.seed)))
+        self.tracer: Tracing = NO_TRACING
+        if settings.tracing:
+            try:
+                self.tracer = setup_tracing()
+            except TracingError as exc:
+                raise ConfigError(str(exc)) from None
+            self.director.tracer = self.tracer
         self.discovery: StaticDiscovery | KubernetesDiscovery = self._build_discovery(admission)
         self.scraper = MetricsScraper(self.pool, interval_s=settings.metrics_scrape_interval_s,
                                       timeout_s=settings.metrics_scrape_timeout_s,
@@ -259,6 +267,7 @@ class App:
             await self._http.cleanup()
         if self.metrics_auth is not None:
             await self.metrics_auth.close()
+        await asyncio.to_thread(self.tracer.shutdown)  # flush buffered spans
         if self._tls_watch is not None:
             self._tls_watch.cancel()
         self._stopped.set()

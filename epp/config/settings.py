@@ -78,7 +78,7 @@ class EppSettings:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     # /metrics needs a bearer token that a TokenReview + SubjectAccessReview accept.
     metrics_endpoint_auth: bool = False
-    tracing: bool = False
+    tracing: bool = False  # OpenTelemetry spans of the request path (OTEL_* variables)
     emit_endpoint_scores: bool = False  # per-endpoint scores in the response metadata
     grpc_max_recv_msg_bytes: int = DEFAULT_GRPC_MAX_RECV_MSG_BYTES
     engine_metrics: EngineMetrics = VLLM_METRICS  # which series of a pod's page to read

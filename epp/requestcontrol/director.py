@@ -21,6 +21,7 @@ from epp.errors import NoEndpointsError, RequestError, UnschedulableError
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.supervise import LogLimiter
 from epp.observability.logsetup import bind_request_id
+from epp.observability.tracing import NO_TRACING, Tracing
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission
 from epp.scheduling.scheduler import NoCandidatesError
@@ -198,6 +199,8 @@ class Director:
         self._response_complete = list(response_complete)
         self._e2e = metrics.scheduler_e2e
         self._log_limit = LogLimiter(log)
+        # Spans of the request path; the runner sets a live tracer with --tracing.
+        self.tracer: Tracing = NO_TRACING
 
     def candidates(self, subset: Sequence[str] | None, *, count: bool = True
                    ) -> tuple[Endpoint, ...]:
@@ -350,11 +353,21 @@ class Director:
         # Every line logged while this request is routed carries its id (see logsetup);
         # Envoy sets x-request-id on every request, so a generated one stays in our logs.
         bind_request_id(headers)
-        ctx, candidates = self.prepare(headers, body, subset)
-        await self._produce(ctx, candidates)
+        with self.tracer.request_span(headers):
+            handle = await self._route(headers, body, subset)
+            self.tracer.annotate("epp.destination", handle.destination)
+            return handle
+
+    async def _route(self, headers: Mapping[str, str], body: bytes | None,
+                     subset: Sequence[str] | None) -> RequestHandle:
+        with self.tracer.span("epp.parse"):
+            ctx, candidates = self.prepare(headers, body, subset)
+        with self.tracer.span("epp.prefix_match"):  # tokenize, block keys, index lookup
+            await self._produce(ctx, candidates)
         t0 = time.perf_counter()
         try:
-            result = self.scheduler.schedule(ctx, candidates)
+            with self.tracer.span("epp.schedule"):
+                result = self.scheduler.schedule(ctx, candidates)
         except NoCandidatesError as exc:
             raise UnschedulableError(f"no endpoint can serve this request: {exc}") from None
         self._e2e.observe(time.perf_counter() - t0)
