@@ -6,6 +6,7 @@ import copy
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import yaml
 from epp.devtools.procs import REPO_ROOT
 
 ENVOY_CONFIG = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+# kgateway's shape: the pool as a STATIC cluster with subset load balancing.
+KGATEWAY_CONFIG = REPO_ROOT / "deploy" / "envoy" / "envoy-kgateway.yaml"
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,12 @@ def load_base_config() -> dict[str, Any]:
     return config
 
 
-def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+def _cluster(config: dict[str, Any], name: str, source: Path = ENVOY_CONFIG
+             ) -> dict[str, Any]:
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == name:
             return dict(cluster)
-    raise KeyError(f"cluster {name!r} not in {ENVOY_CONFIG}")
+    raise KeyError(f"cluster {name!r} not in {source}")
 
 
 def epp_config(listen_port: int, epp_port: int, admin_port: int,
@@ -66,6 +70,17 @@ def epp_config(listen_port: int, epp_port: int, admin_port: int,
     picker = _cluster(config, "endpoint_picker")
     picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
         "socket_address"]["port_value"] = epp_port
+    _dial_epp(picker, tls)
+    config["static_resources"]["clusters"] = [
+        picker if c["name"] == "endpoint_picker" else c
+        for c in config["static_resources"]["clusters"]
+    ]
+    return config
+
+
+def _dial_epp(picker: dict[str, Any], tls: EppTls) -> None:
+    """Set how the ``picker`` cluster dials the EPP (its shipped transport socket is TLS
+    without validation)."""
     if not tls.enabled:
         del picker["transport_socket"]
     elif tls.trusted_ca is not None:
@@ -76,10 +91,45 @@ def epp_config(listen_port: int, epp_port: int, admin_port: int,
                 {"san_type": "DNS", "matcher": {"exact": tls.subject_alt_name}}]
         context["typed_config"]["common_tls_context"]["validation_context"] = validation
         picker["transport_socket"] = context
+
+
+def kgateway_config(listen_port: int, epp_port: int, admin_port: int, pods: Sequence[str],
+                    tls: EppTls = KGATEWAY_TLS, *, endpoint_metadata: bool = True
+                    ) -> dict[str, Any]:
+    """``deploy/envoy/envoy-kgateway.yaml`` (kgateway's translation of an InferencePool)
+    with its ports changed and the pool replaced by ``pods`` (``ip:port``). With
+    ``endpoint_metadata=False`` the endpoints carry no ``envoy.lb`` metadata, so no subset
+    ever matches and the subset load balancer's fallback picks every request."""
+    with open(KGATEWAY_CONFIG, encoding="utf-8") as f:
+        config: dict[str, Any] = yaml.safe_load(f)
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    route = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"][0]["routes"][0]["route"]
+    route["metadata_match"]["filter_metadata"]["envoy.lb.subset_hint"][
+        "x-gateway-destination-endpoint-subset"] = list(pods)
+    endpoints = []
+    for pod in pods:
+        host, _, port = pod.rpartition(":")
+        endpoint: dict[str, Any] = {
+            "endpoint": {"address": {"socket_address": {"address": host.strip("[]"),
+                                                        "port_value": int(port)}}},
+            "load_balancing_weight": 1}
+        if endpoint_metadata:
+            endpoint["metadata"] = {"filter_metadata": {
+                "envoy.lb": {"x-gateway-destination-endpoint": pod}}}
+        endpoints.append(endpoint)
+    pool = _cluster(config, "inferencepool", KGATEWAY_CONFIG)
+    pool["load_assignment"] = {"cluster_name": "inferencepool",
+                               "endpoints": [{"lb_endpoints": endpoints}]}
+    picker = _cluster(config, "endpoint_picker", KGATEWAY_CONFIG)
+    picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] = epp_port
+    _dial_epp(picker, tls)
+    replaced = {"inferencepool": pool, "endpoint_picker": picker}
     config["static_resources"]["clusters"] = [
-        picker if c["name"] == "endpoint_picker" else c
-        for c in config["static_resources"]["clusters"]
-    ]
+        replaced.get(c["name"], c) for c in config["static_resources"]["clusters"]]
     return config
 
 
