@@ -100,7 +100,9 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def configure_logging(encoder: str, level: int, stream: TextIO | None = None) -> None:
-    """Send every logger's records to ``stream`` (stderr) in ``encoder`` format."""
+    """Send every logger's records to ``stream`` (stderr) in ``encoder`` format: the
+    picker's own (``epp.*``) from ``level``, other libraries' from INFO at the lowest
+    (h2 and hpack log every frame at DEBUG, which would swamp the picker's lines)."""
     if encoder not in ENCODERS:
         raise ValueError(f"unknown log encoder {encoder!r} (json or console)")
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -110,4 +112,5 @@ def configure_logging(encoder: str, level: int, stream: TextIO | None = None) ->
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(max(level, logging.INFO))
+    logging.getLogger("epp").setLevel(level)

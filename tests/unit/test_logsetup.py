@@ -103,14 +103,21 @@ def test_console_lines_stay_readable_and_name_the_request() -> None:
 
 
 def test_configure_logging_installs_one_handler_at_the_level() -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    root, epp_logger = logging.getLogger(), logging.getLogger("epp")
+    saved = (list(root.handlers), root.level, epp_logger.level)
     out = io.StringIO()
     try:
         configure_logging("json", logging.WARNING, out)
         logging.getLogger("epp.t").info("hidden")
         logging.getLogger("epp.t").warning("shown")
         assert [json.loads(x)["msg"] for x in out.getvalue().splitlines()] == ["shown"]
+        # -v above the default: the picker's DEBUG lines, not every library's.
+        configure_logging("json", logging.DEBUG, out)
+        logging.getLogger("epp.t").debug("ours")
+        logging.getLogger("hpack.hpack").debug("a frame")
+        logging.getLogger("hpack.hpack").info("a notice")
+        assert [json.loads(x)["msg"] for x in out.getvalue().splitlines()][1:] == [
+            "ours", "a notice"]
         with pytest.raises(ValueError, match="encoder"):
             configure_logging("xml", logging.INFO, out)
     finally:
@@ -119,3 +126,4 @@ def test_configure_logging_installs_one_handler_at_the_level() -> None:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+        epp_logger.setLevel(saved[2])
