@@ -148,8 +148,10 @@ class App:
             self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
 
         if s.extproc_server == "grpc":
+            # grpc takes the first of repeated options: replace the default, don't append.
             options = _GRPC_OPTIONS if not s.grpc_max_recv_msg_bytes else [
-                *_GRPC_OPTIONS, ("grpc.max_receive_message_length", s.grpc_max_recv_msg_bytes)]
+                *(o for o in _GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+                ("grpc.max_receive_message_length", s.grpc_max_recv_msg_bytes)]
             self._grpc = grpc.aio.server(options=options)
             servicer = ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes)
             add_to_server(servicer, self._grpc)
