@@ -75,7 +75,8 @@ class App:
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
             pre_request=cfg.pre_request, response_complete=cfg.response_complete,
             allow_test_header=settings.enable_test_endpoint_selection,
-            model_rewrites=ModelRewrites(random.Random(settings.seed)))
+            model_rewrites=ModelRewrites(random.Random(settings.seed)),
+            emit_endpoint_scores=settings.emit_endpoint_scores)
         self.tracer: Tracing = NO_TRACING
         if settings.tracing:
             try:

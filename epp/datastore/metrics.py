@@ -44,6 +44,11 @@ class EndpointLoad:
         self.requests = max(0, self.requests - 1)
         self.prompt_tokens = max(0, self.prompt_tokens - tokens)
 
+    def withdraw(self, tokens: int) -> None:
+        """A request counted here was served elsewhere: as if it had never been added."""
+        self.release(tokens)
+        self.since_scrape = max(0, self.since_scrape - 1)
+
 
 @dataclass(slots=True)
 class EndpointState:

@@ -13,6 +13,10 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+# On the response path, in the envoy.lb namespace: the endpoint that actually served.
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+# With --emit-endpoint-scores, next to the destination: {"ip:port": total score}.
+SCORES_KEY = "x-gateway-destination-endpoint-scores"
 # Envoy's gRPC messages are capped; GIE streams bodies back in chunks of at most this size.
 MAX_BODY_CHUNK = 62_000
 
@@ -52,6 +56,23 @@ def read_subset_hint(request: pb.ProcessingRequest) -> list[str] | None:
     return []
 
 
+def read_served_endpoint(request: pb.ProcessingRequest) -> str | None:
+    """The ``ip:port`` the proxy reports as having served the request, if it sent one."""
+    if not request.HasField("metadata_context"):
+        return None
+    filter_metadata = request.metadata_context.filter_metadata
+    if LB_METADATA_NAMESPACE not in filter_metadata:
+        return None
+    fields = filter_metadata[LB_METADATA_NAMESPACE].fields
+    if SERVED_KEY not in fields:
+        return None
+    value = fields[SERVED_KEY]
+    if value.HasField("list_value"):  # tolerate a list: the first entry served
+        items = [v.string_value for v in value.list_value.values if v.string_value]
+        return items[0].strip() if items else None
+    return value.string_value.strip() or None
+
+
 def header_mutation(
     set_headers: Mapping[str, str], remove_headers: Iterable[str] = ()
 ) -> pb.HeaderMutation:
@@ -68,17 +89,24 @@ def header_mutation(
     )
 
 
-def destination_metadata(destination: str) -> struct_pb2.Struct:
-    """Dynamic metadata ``{"envoy.lb": {"x-gateway-destination-endpoint": destination}}``."""
+def destination_metadata(destination: str, scores: Mapping[str, float] | None = None
+                         ) -> struct_pb2.Struct:
+    """Dynamic metadata ``{"envoy.lb": {"x-gateway-destination-endpoint": destination}}``,
+    with ``x-gateway-destination-endpoint-scores`` (``{ip:port: score}``) when given."""
     inner = struct_pb2.Struct()
     inner.fields[DESTINATION_HEADER].string_value = destination
+    if scores:
+        scored = inner.fields[SCORES_KEY].struct_value
+        for address, score in scores.items():
+            scored.fields[address].number_value = score
     outer = struct_pb2.Struct()
     outer.fields[LB_METADATA_NAMESPACE].struct_value.CopyFrom(inner)
     return outer
 
 
 def routed_headers_response(
-    destination: str, set_headers: Mapping[str, str], remove_headers: Sequence[str]
+    destination: str, set_headers: Mapping[str, str], remove_headers: Sequence[str],
+    *, scores: Mapping[str, float] | None = None
 ) -> pb.ProcessingResponse:
     """The request-headers answer that routes: header, metadata, and a cleared route cache."""
     headers = {DESTINATION_HEADER: destination, **set_headers}
@@ -89,13 +117,13 @@ def routed_headers_response(
                 clear_route_cache=True,
             )
         ),
-        dynamic_metadata=destination_metadata(destination),
+        dynamic_metadata=destination_metadata(destination, scores),
     )
 
 
 def routed_body_response(
     destination: str, set_headers: Mapping[str, str], remove_headers: Sequence[str],
-    *, body: bytes | None = None
+    *, body: bytes | None = None, scores: Mapping[str, float] | None = None
 ) -> pb.ProcessingResponse:
     """BUFFERED mode: route in the body answer (its header mutation applies to the request).
     ``body`` replaces the buffered body, with ``content-length`` set to its size."""
@@ -111,7 +139,7 @@ def routed_body_response(
                 clear_route_cache=True,
             )
         ),
-        dynamic_metadata=destination_metadata(destination),
+        dynamic_metadata=destination_metadata(destination, scores),
     )
 
 

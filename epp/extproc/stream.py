@@ -46,6 +46,13 @@ class RoutedRequest(Protocol):
     def body(self) -> bytes | None:
         """A body to forward instead of the one received (None: forward it unchanged)."""
 
+    @property
+    def endpoint_scores(self) -> Mapping[str, float] | None:
+        """``{ip:port: score}`` to publish next to the destination (None: publish none)."""
+
+    def on_served_endpoint(self, address: str) -> None:
+        """The proxy reports that ``address`` served the request."""
+
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None: ...
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None: ...
@@ -143,7 +150,8 @@ class ProtocolStream:
                 routed = await self._route(None)
                 self.phase = Phase.UPSTREAM
                 return [msg.routed_headers_response(
-                    routed.destination, routed.set_headers, routed.remove_headers)]
+                    routed.destination, routed.set_headers, routed.remove_headers,
+                    scores=routed.endpoint_scores)]
             if kind == "request_body":
                 self._append_body(request.request_body)
                 return await self._route_with_body(end_of_stream=True)
@@ -176,7 +184,8 @@ class ProtocolStream:
             if kind == "request_trailers":
                 return [msg.EMPTY_REQUEST_TRAILERS]
             if kind == "response_headers":
-                return self._on_response_headers(request.response_headers)
+                return self._on_response_headers(request.response_headers,
+                                                 msg.read_served_endpoint(request))
             if kind == "response_body":
                 return self._on_response_body(request.response_body)
             if kind == "response_trailers":
@@ -256,12 +265,13 @@ class ProtocolStream:
         if self._request_mode == BUFFERED:
             return [msg.routed_body_response(
                 routed.destination, routed.set_headers, routed.remove_headers,
-                body=replacement)]
+                body=replacement, scores=routed.endpoint_scores)]
         # Duplex: headers answer first, then the body. The body is re-sent without a
         # content-length, so Envoy forwards it chunked.
         remove = ("content-length", *routed.remove_headers)
         return [
-            msg.routed_headers_response(routed.destination, routed.set_headers, remove),
+            msg.routed_headers_response(routed.destination, routed.set_headers, remove,
+                                        scores=routed.endpoint_scores),
             *msg.streamed_body_chunks(raw if replacement is None else replacement,
                                       end_of_stream=end_of_stream),
         ]
@@ -277,10 +287,13 @@ class ProtocolStream:
 
     # -- response path --------------------------------------------------------------
 
-    def _on_response_headers(self, headers: msg.pb.HttpHeaders) -> list[msg.ProcessingResponse]:
+    def _on_response_headers(self, headers: msg.pb.HttpHeaders, served: str | None
+                             ) -> list[msg.ProcessingResponse]:
         values = msg.read_headers(headers.headers)
         routed = self._routed
         if routed is not None:
+            if served is not None:  # before the status: a 503 belongs to who served it
+                routed.on_served_endpoint(served)
             status_text = values.get(":status", "0")
             routed.on_response_headers(int(status_text) if status_text.isdigit() else 0, values)
             if headers.end_of_stream:

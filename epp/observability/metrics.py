@@ -100,6 +100,13 @@ class EppMetrics:
         self._served: set[str] = set()  # model names with series of their own
         self._picks: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
+        self.served_elsewhere = Counter(
+            "epp_served_elsewhere",
+            "Requests the proxy reported served by an endpoint other than the primary pick "
+            "(x-gateway-destination-endpoint-served), by where: fallback (one of the pick's "
+            "fallbacks), other (another endpoint of the pool), unknown (not in the pool). "
+            "Their load, status and cache-accuracy check go to the endpoint that served.",
+            ("where",), registry=r)
         self.unreachable_fail_open = Counter(
             "epp_unreachable_fail_open",
             "Scheduling cycles in which every candidate endpoint was unreachable, so all "

@@ -106,6 +106,17 @@ class ResponseComplete(Protocol):
                           status: int, usage: Usage | None) -> None: ...
 
 
+def _same_address(ours: str, reported: str) -> bool:
+    """Whether a reported ``ip:port`` names the endpoint at ``ours`` (IPv6 brackets and
+    spelling may differ)."""
+    if ours == reported:
+        return True
+    try:
+        return parse_address(ours) == parse_address(reported)
+    except ValueError:
+        return False
+
+
 def _subset_ips(subset: Sequence[str]) -> set[str]:
     """IPs named by the subset hint; entries are ``ip:port`` but the match is on IP."""
     ips = set()
@@ -121,8 +132,8 @@ class RequestHandle:
     """A routed request: its destination and what happens to its response."""
 
     __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
-                 "remove_headers", "body", "status", "usage", "prompt_tokens", "_director",
-                 "_start", "_parser", "_done", "counted")
+                 "remove_headers", "body", "endpoint_scores", "served", "status", "usage",
+                 "prompt_tokens", "_director", "_start", "_parser", "_done", "counted")
 
     def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
                  remove_headers: Sequence[str], tokens: int) -> None:
@@ -136,6 +147,11 @@ class RequestHandle:
         self.body: bytes | None = None
         if MODEL_REWRITE_KEY in ctx.cycle and ctx.request is not None:
             self.body = ctx.request.raw_body
+        # {ip:port: total score} of the primary profile, published with --emit-endpoint-scores.
+        self.endpoint_scores: dict[str, float] | None = None
+        # Who holds this request's load: the primary pick until the proxy reports that
+        # another endpoint served it; None once it is known to be outside the pool.
+        self.served: Endpoint | None = self.endpoints[0] if self.endpoints else None
         self.status = 0
         self.usage: Usage | None = None
         self.prompt_tokens = tokens  # counted as in-flight load until the stream ends
@@ -154,6 +170,11 @@ class RequestHandle:
     def elapsed(self) -> float:
         """Seconds since routing."""
         return time.perf_counter() - self._start
+
+    def on_served_endpoint(self, address: str) -> None:
+        """The proxy reports the endpoint that served (a fallback, or its own choice)."""
+        if not self._done:
+            self._director.served_by(self, address)
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> None:
         """Upstream answered: remember the status, prepare to read usage."""
@@ -186,9 +207,11 @@ class Director:
                  pre_request: Sequence[PreRequest] = (),
                  response_complete: Sequence[ResponseComplete] = (),
                  allow_test_header: bool = False,
-                 model_rewrites: ModelRewrites | None = None) -> None:
+                 model_rewrites: ModelRewrites | None = None,
+                 emit_endpoint_scores: bool = False) -> None:
         self._pool = pool
         self.model_rewrites = model_rewrites or ModelRewrites()
+        self._emit_scores = emit_endpoint_scores
         self._strip = CONTROL_HEADERS if allow_test_header else (
             *CONTROL_HEADERS, TEST_SELECTION_HEADER)
         self.scheduler = scheduler
@@ -388,6 +411,10 @@ class Director:
             # What a hook sets replaces the client's value; removing it too would drop it.
             handle.remove_headers = tuple(
                 h for h in (*handle.remove_headers, *changes.remove) if h not in changes.set)
+        if self._emit_scores:
+            scored = result.profiles[result.primary]
+            handle.endpoint_scores = {e.address: total
+                                      for e, total in zip(scored.scored, scored.totals)}
         primary = result.endpoints[0]
         primary.state.load.add(tokens)
         if match is not None and match.prompt_tokens:
@@ -400,10 +427,31 @@ class Director:
         self._metrics.pick(primary.name)
         return handle
 
+    def served_by(self, handle: RequestHandle, address: str) -> None:
+        """Move a request's load from the endpoint holding it to ``address``, the one the
+        proxy reports served it, and count where that was."""
+        current = handle.served
+        if current is not None and _same_address(current.address, address):
+            return
+        served = next((e for e in handle.endpoints if _same_address(e.address, address)), None)
+        where = "fallback"
+        if served is None:
+            served = next((e for e in self._pool.snapshot()
+                           if _same_address(e.address, address)), None)
+            where = "other" if served is not None else "unknown"
+        if current is not None:
+            current.state.load.withdraw(handle.prompt_tokens)
+        if served is not None:
+            served.state.load.add(handle.prompt_tokens)
+        handle.served = served
+        self._metrics.served_elsewhere.labels(where).inc()
+
     def complete(self, handle: RequestHandle, completed: bool) -> None:
         """Called once per routed request when its stream ends."""
-        handle.endpoints[0].state.load.release(handle.prompt_tokens)
-        handle.endpoints[0].report_response(handle.status)  # 503: gateway could not reach it
+        served = handle.served
+        if served is not None:
+            served.state.load.release(handle.prompt_tokens)
+            served.report_response(handle.status)  # 503: gateway could not reach it
         model = handle.ctx.model
         status = handle.status
         if not completed or status >= 400 or status == 0:
@@ -431,12 +479,14 @@ class Director:
         """Compare the cached tokens we predicted with what the engine reported."""
         match = handle.ctx.cycle.get(PREFIX_MATCH_KEY)
         usage = handle.usage
-        if match is None or not match.precise or usage is None or usage.cached_tokens is None:
+        served = handle.served
+        if (match is None or not match.precise or usage is None or usage.cached_tokens is None
+                or served is None):
             return
         if any(r.endpoints for name, r in handle.result.profiles.items()
                if name != handle.result.primary):
             return  # disaggregated: the decode pod also counts the KV it received
-        predicted = match.predicted_engine_cached(handle.endpoints[0].name)
+        predicted = match.predicted_engine_cached(served.name)
         diff = usage.cached_tokens - predicted
         self._metrics.index_accuracy.observe(diff)
         if abs(diff) >= match.block_size:

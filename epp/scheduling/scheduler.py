@@ -91,6 +91,8 @@ class SchedulerProfile:
             scores={e.name: v for e, v in zip(endpoints, totals)} if explain else {},
             plugin_scores=plugin_scores,
             candidates=n,
+            scored=endpoints,
+            totals=totals,
         )
 
 

@@ -45,6 +45,10 @@ class ProfileResult:
     plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: int = 0
     error: str | None = None  # why the profile chose nothing
+    # The candidates that survived the filters and their total scores, in the same order
+    # (kept on every cycle: two list references; ``scores`` is the explain-only dict).
+    scored: Sequence[Endpoint] = ()
+    totals: Sequence[float] = ()
 
 
 @dataclass(slots=True)

@@ -86,6 +86,28 @@ def unchanged(config: dict[str, Any]) -> None:
     """kgateway's shape as shipped."""
 
 
+SERVED = "x-gateway-destination-endpoint-served"
+
+
+def report_served_endpoint(config: dict[str, Any]) -> None:
+    """The protocol's response side, as deploy/envoy/envoy.yaml does it: the router adds
+    the upstream host as a response header, header_to_metadata moves it into envoy.lb
+    (removing it from the response), and ext_proc forwards envoy.lb to the picker."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    route["response_headers_to_add"] = [{
+        "header": {"key": SERVED, "value": "%UPSTREAM_HOST%"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    filters = _filters(config)
+    filters[0]["typed_config"]["metadata_options"]["forwarding_namespaces"]["untyped"].append(
+        "envoy.lb")
+    to_metadata = next(f for f in filters if "header_to_metadata" in f["name"])
+    to_metadata["typed_config"]["response_rules"] = [{
+        "header": SERVED, "remove": True,
+        "on_header_present": {"metadata_namespace": "envoy.lb", "key": SERVED,
+                              "type": "STRING"}}]
+
+
 def tls_without_alpn(config: dict[str, Any]) -> None:
     """The picker dialled exactly as kgateway's generated cluster does: TLS with an empty
     validation context and no ALPN list (the shipped file asks for h2)."""
@@ -130,15 +152,19 @@ def cached(reply: Reply) -> int:
     return int(reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def picks(stack: LocalStack) -> Counter[str]:
-    """The EPP's primary picks so far, by endpoint name (from /metrics)."""
+def _counter(stack: LocalStack, name: str, label: str) -> Counter[str]:
     text = request(f"http://127.0.0.1:{stack.ports.epp_metrics}/metrics").body.decode()
     out: Counter[str] = Counter()
     for line in text.splitlines():
-        if line.startswith("epp_endpoint_picks_total{"):
-            name = line.split('endpoint="', 1)[1].split('"', 1)[0]
-            out[name] = int(float(line.rsplit(" ", 1)[1]))
+        if line.startswith(f"{name}_total{{"):
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            out[value] = int(float(line.rsplit(" ", 1)[1]))
     return out
+
+
+def picks(stack: LocalStack) -> Counter[str]:
+    """The EPP's primary picks so far, by endpoint name (from /metrics)."""
+    return _counter(stack, "epp_endpoint_picks", "endpoint")
 
 
 @pytest.mark.parametrize("change", [unchanged, no_receiving_namespaces,
@@ -191,5 +217,23 @@ def test_with_metadata_missing_the_subset_fallback_spreads_requests(
         assert len({name for name in after if after[name] != before[name]}) == 1
         assert len({served_by(r) for r in replies}) > 1
         assert any(cached(r) == 0 for r in replies[1:])
+    finally:
+        envoy.stop()
+
+
+def test_the_endpoint_that_served_is_reported_back_to_the_picker(pods: LocalStack) -> None:
+    """Endpoints without metadata make Envoy serve most named picks elsewhere; with the
+    served endpoint reported on the response path, the EPP counts every one of them (and
+    moves its load there) and none of those that reached the pick."""
+    envoy = start_envoy(pods, endpoint_metadata=False, change=report_served_endpoint)
+    try:
+        target = pods.sim_addresses[0]
+        before = _counter(pods, "epp_served_elsewhere", "where")
+        replies = [ask(pods, "served", f"Where {i}?", {SELECT: target}) for i in range(8)]
+        elsewhere = sum(served_by(r) != target for r in replies)
+        assert 0 < elsewhere < 8
+        counted = _counter(pods, "epp_served_elsewhere", "where")
+        assert counted["other"] - before["other"] == elsewhere
+        assert all(SERVED not in r.headers for r in replies)  # not leaked to the client
     finally:
         envoy.stop()
