@@ -439,6 +439,8 @@ class Director:
             served = next((e for e in self._pool.snapshot()
                            if _same_address(e.address, address)), None)
             where = "other" if served is not None else "unknown"
+        if served is current:  # reported again (e.g. an unknown address twice)
+            return
         if current is not None:
             current.state.load.withdraw(handle.prompt_tokens)
         if served is not None:

@@ -197,3 +197,19 @@ async def test_no_scores_without_the_flag() -> None:
         out.extend(await stream.handle(req))
     assert set(_lb_fields(out[0])) == {msg.DESTINATION_HEADER}
     stream.close()
+
+
+@pytest.mark.asyncio
+async def test_a_repeated_report_counts_once() -> None:
+    director, pool, metrics = make()
+    stream = await start(director)
+    handle = stream.routed
+    assert handle is not None
+    for address in ("192.168.7.7:9000", "192.168.7.7:9000"):
+        handle.on_served_endpoint(address)
+    for address in ("10.0.0.3:8000", "10.0.0.3:8000"):
+        handle.on_served_endpoint(address)
+    assert count(metrics, "unknown") == 1 and count(metrics, "other") == 1
+    assert load(pool) == [(0, 0), (0, 0), (1, 1)]
+    stream.close()
+    assert load(pool) == [(0, 0), (0, 0), (0, 1)]
