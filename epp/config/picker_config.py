@@ -227,7 +227,13 @@ def _spec_from_text(text: str, source: str) -> ConfigSpec:
     try:
         spec = msgspec.convert(doc, type=ConfigSpec)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        text = str(exc)
+        if text.startswith("Object contains unknown field") and " - at " not in text:
+            # A top-level section we do not read: say which ones we do.
+            known = ", ".join(f.encode_name for f in msgspec.structs.fields(ConfigSpec))
+            raise ConfigError(f"{source}: unknown section {text.split('`')[1]!r}; the "
+                              f"sections read here are {known}") from None
+        raise ConfigError(f"{source}: {text}") from None
     if spec.api_version is not None and spec.api_version not in API_VERSIONS:
         raise ConfigError(f"{source}: apiVersion {spec.api_version!r} is not one of "
                           f"{', '.join(API_VERSIONS)}")

@@ -236,7 +236,10 @@ def test_inert_flow_control_settings_are_logged(caplog: pytest.LogCaptureFixture
      "config: flowControl.saturationDetector.kvCacheUtilThreshold must be in (0, 1]"),
     (BASE + "flowControl: {queueing: true}\n",
      "config: Object contains unknown field `queueing` - at `$.flowControl`"),
-    (BASE + "schedulers: []\n", "config: Object contains unknown field `schedulers`"),
+    (BASE + "schedulers: []\n", "config: unknown section 'schedulers'; the sections read "
+                                 "here are apiVersion, kind, plugins, schedulingProfiles, "
+                                 "saturationDetector, objectives, featureGates, "
+                                 "requestHandler, parser, data, dataLayer, flowControl"),
     (BASE.replace("plugins:\n- type: queue-scorer\n",
                   "plugins:\n- type: queue-scorer\n- type: openai-parser\n")
      + "  - pluginRef: openai-parser\n",
