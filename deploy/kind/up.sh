@@ -10,7 +10,11 @@ CLUSTER_NAME="${CLUSTER_NAME:-epp}"
 IMAGE="${IMAGE:-epp:dev}"
 LOCAL_PORT="${LOCAL_PORT:-8080}"
 GATEWAY_API_VERSION="${GATEWAY_API_VERSION:-v1.4.1}"
-GIE_VERSION="${GIE_VERSION:-v1.2.1}"
+# GIE v1.5.0 is the newest Inference Extension release with published manifests; it is
+# built against Gateway API v1.4/v1.5 (not v1.6). kgateway 2.1.x is the last line whose
+# Envoy data plane serves InferencePools (2.2 moved them to the agentgateway data plane),
+# and it dials the picker over TLS on 9002, as our EPP serves by default.
+GIE_VERSION="${GIE_VERSION:-v1.5.0}"
 KGATEWAY_VERSION="${KGATEWAY_VERSION:-v2.1.1}"
 # Fixed by the manifests (deploy/kustomize/base).
 NAMESPACE=llm-inference
