@@ -72,26 +72,15 @@ def _add_bool(p: argparse.ArgumentParser, flag: str, default: bool | None, help:
                    metavar="true|false", help=help)
 
 
-def _flag_bool(text: str) -> bool:
-    """A boolean flag's value as the upstream chart renders it (``--flag=false``)."""
-    value = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}.get(
-        text.strip().lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
-    return value
-
-
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     """TLS on the ext_proc port, named and defaulted as in the upstream EPP."""
-    p.add_argument("--secure-serving", type=_flag_bool, nargs="?", const=True, default=True,
-                   metavar="BOOL", help="serve ext_proc over TLS (default true; "
-                   "--secure-serving=false serves cleartext h2c)")
+    _add_bool(p, "--secure-serving", True, "serve ext_proc over TLS (default true; "
+              "--secure-serving=false serves cleartext h2c)")
     p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key "
                    "for the ext_proc port (default: a self-signed certificate generated at "
                    "start-up)")
-    p.add_argument("--enable-cert-reload", type=_flag_bool, nargs="?", const=True,
-                   default=False, metavar="BOOL", help="pick up a rotated certificate in "
-                   "--cert-path without a restart (new handshakes present it)")
+    _add_bool(p, "--enable-cert-reload", False, "pick up a rotated certificate in "
+              "--cert-path without a restart (new handshakes present it)")
     p.add_argument("--tls-min-version", choices=sorted(TLS_VERSIONS),
                    default=DEFAULT_TLS_MIN_VERSION, help="lowest TLS version accepted on the "
                    "ext_proc port (1.3 needs --extproc-server h2)")
