@@ -149,15 +149,7 @@ async def test_pods_come_and_go_under_load_without_failures_or_late_routes(
         kube.apply("inferencepools", make_pool(POOL, LABELS, [port], namespace=NS))
         for i in (0, 1):
             kube.apply("pods", make_pod(f"vllm-{i}", ips[i], LABELS, namespace=NS))
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{kube.url}"}}}}]
-users: [{{name: epp, user: {{token: t}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
-current-context: fake
-""")
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         await asyncio.to_thread(stack.start_epp, (), [
             "--pool-name", POOL, "--pool-namespace", NS, "--kubeconfig", str(kubeconfig)])
         await asyncio.to_thread(stack.start_envoy)

@@ -54,15 +54,7 @@ async def test_epp_routes_to_inferencepool_pods_and_follows_deletions(
         kube.apply("inferencepools", make_pool(POOL, LABELS, [port], namespace=NS))
         for i in range(2):
             kube.apply("pods", make_pod(f"vllm-{i}", f"127.0.0.{i + 2}", LABELS, namespace=NS))
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{kube.url}"}}}}]
-users: [{{name: epp, user: {{token: t}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
-current-context: fake
-""")
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         await asyncio.to_thread(stack.start_epp, (), [
             "--pool-name", POOL, "--pool-namespace", NS, "--kubeconfig", str(kubeconfig)])
         await asyncio.to_thread(stack.start_envoy)

@@ -31,15 +31,7 @@ async def test_metrics_port_checks_tokens_only_when_asked(auth: bool, tmp_path: 
     await kube.start()
     kube.tokens = {"good": {"username": PROMETHEUS}, "stranger": {"username": "bob"}}
     kube.access = {PROMETHEUS: {("get", "/metrics")}}
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{kube.url}"}}}}]
-users: [{{name: epp, user: {{token: t}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
-current-context: fake
-""")
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: [{name: a, address: '127.0.0.1:1'}]\n")
     app = build_app(EppSettings(endpoints_file=str(endpoints), bind_address="127.0.0.1",

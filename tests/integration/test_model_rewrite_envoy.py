@@ -39,18 +39,6 @@ async def kube() -> AsyncIterator[FakeKubeServer]:
     await server.stop()
 
 
-def _kubeconfig(path: Path, url: str) -> Path:
-    path.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{url}"}}}}]
-users: [{{name: epp, user: {{token: t}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
-current-context: fake
-""")
-    return path
-
-
 def _start_envoy(stack: LocalStack, body_mode: str) -> Process:
     p = stack.ports
     config = envoy_cfg.epp_config(p.envoy, p.epp_grpc, p.envoy_admin, stack.epp_tls)
@@ -88,7 +76,7 @@ async def test_rewritten_model_is_what_the_pod_serves(kube: FakeKubeServer, tmp_
             {"matches": [{"model": {"value": "chat-alias"}}],
              "targets": [{"modelRewrite": SERVED}]}], namespace=NS))
         kube.apply("inferenceobjectives", make_objective("batch", POOL, -1, namespace=NS))
-        kubeconfig = _kubeconfig(tmp_path / "kubeconfig", kube.url)
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         await asyncio.to_thread(stack.start_epp, (), [
             "--pool-name", POOL, "--pool-namespace", NS, "--kubeconfig", str(kubeconfig)])
         envoy = await asyncio.to_thread(_start_envoy, stack, body_mode)

@@ -53,15 +53,7 @@ async def test_the_charts_arguments_run_route_probe_and_drain(tmp_path: Path) ->
         sim_port = stack.ports.sims[0]
         kube.apply("inferencepools", make_pool(POOL, LABELS, [sim_port], namespace=NS))
         kube.apply("pods", make_pod("vllm-0", "127.0.0.1", LABELS, namespace=NS))
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{kube.url}"}}}}]
-users: [{{name: epp, user: {{token: t}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
-current-context: fake
-""")
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         p = stack.ports
         chart_args = [  # as rendered by the chart (the namespace comes from $NAMESPACE)
             "--pool-name", POOL, "--pool-group", "inference.networking.k8s.io",

@@ -27,6 +27,8 @@ no watcher can run between two calls), and inject trouble: :meth:`drop_watches`,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncio
 import copy
 import itertools
@@ -162,6 +164,18 @@ class FakeKubeServer:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig at ``path`` that points a client (the EPP) at this server."""
+        path.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{self.url}"}}}}]
+users: [{{name: epp, user: {{token: t}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: epp}}}}]
+current-context: fake
+""")
+        return path
 
     async def stop(self) -> None:
         self.drop_watches()
