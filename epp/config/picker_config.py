@@ -27,7 +27,7 @@ from epp.config.upstream import (
     is_config_only,
     parse_feature_gates,
 )
-from epp.kvcache.service import KVCacheSettings
+from epp.kvcache.settings import KVCacheSettings
 from epp.scheduling.plugins import default_registry
 from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer
 from epp.scheduling.registry import PluginConfigError, PluginDeps, PluginRegistry

@@ -14,15 +14,11 @@ from epp.datastore import Endpoint
 from epp.kvcache.index import BlockIndex, EndpointMatch
 from epp.kvcache.keys import chain_keys
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
-from epp.kvcache.tokens import PromptTokenizer, TokenizationError
+from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PREFIX_BLOCKS
+from epp.kvcache.tokenizing import PromptTokenizer, TokenizationError
 
 log = logging.getLogger(__name__)
 
-# vLLM's default block size (tokens per KV block).
-DEFAULT_BLOCK_SIZE = 16
-# Longest prefix considered: 256 blocks of 16 = 4k tokens by GIE's default; ours is
-# larger because exact lookups are cheap (O(blocks)): 8,192 blocks = 128k tokens.
-DEFAULT_MAX_PREFIX_BLOCKS = 8192
 # Approximate routing history, all endpoints together. A key costs ~128 B in an
 # OrderedDict (int object, hash slot, link; measured), so GIE's 31,250 keys per server
 # are ~4 MB each; 2M keys (~256 MiB) hold 64 servers at full per-server capacity.

@@ -7,25 +7,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from epp.api.openai import LLMRequest
-from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint, EndpointPool
+from epp.datastore import Endpoint, EndpointPool
 from epp.kvcache.index import DEFAULT_CAPACITY_BLOCKS, BlockIndex
-from epp.kvcache.producer import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_MAX_PREFIX_BLOCKS,
-    PreciseProducer,
-)
+from epp.kvcache.producer import PreciseProducer
+from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, KVCacheSettings
 from epp.kvcache.manager import KVEventsManager
-from epp.kvcache.tokens import (
-    LocalPromptTokenizer,
-    PromptTokenizer,
-    RenderPromptTokenizer,
-    TokenizationError,
-)
+from epp.kvcache.tokenizing import PromptTokenizer, TokenizationError
+from epp.kvcache.tokens import LocalPromptTokenizer, RenderPromptTokenizer
 from epp.tokenization.local import LocalTokenizer
 from epp.tokenization.qwen import ensure_qwen_tokenizer
 from epp.supervise import FailureCounter, LogLimiter, supervised
@@ -38,22 +30,6 @@ BUILTIN_TOKENIZERS = ("qwen3.6",)
 CAPACITY_REFRESH_S = 5.0
 # The resize loop's kind in the background-failure count.
 RESIZE_TASK = "kv-index-resize"
-
-
-@dataclass(frozen=True, slots=True)
-class KVCacheSettings:
-    """How the precise prefix cache is fed and keyed."""
-
-    model: str = ""
-    block_size: int | None = None  # None: from the engines' vllm:cache_config_info, else 16
-    max_prefix_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS
-    capacity_blocks: int | None = None  # None: from the fleet's num_gpu_blocks
-    tokenizer_mode: str = "local"  # local | render
-    tokenizer: str = "qwen3.6"  # a built-in name or a directory with tokenizer.json
-    kv_events_port: int = DEFAULT_KV_EVENTS_PORT
-    replay_port_offset: int | None = 1  # None: no replay socket
-    kv_events_bind: str | None = None  # central mode: the EPP binds, engines connect
-    topic_filter: bool = True
 
 
 class KVCacheService:

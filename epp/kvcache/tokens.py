@@ -29,6 +29,7 @@ import aiohttp
 
 from epp.api.openai import ChatPrompt, LLMRequest, TextPrompt, TokenPrompt
 from epp.datastore import Endpoint
+from epp.kvcache.tokenizing import TokenizationError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ DEFAULT_OFFLOAD_CHARS = 4000
 MIN_CACHED_SEGMENT_CHARS = 256
 
 
-class TokenizationError(Exception):
-    """The prompt could not be tokenized; the request is routed without prefix data."""
-
-
 class TextTokenizer(Protocol):
     """What the local mode needs from a tokenizer (``epp.tokenization.LocalTokenizer``)."""
 
@@ -67,12 +64,6 @@ class TextTokenizer(Protocol):
 
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None = None,
                     add_generation_prompt: bool = True) -> str: ...
-
-
-class PromptTokenizer(Protocol):
-    """Turns a request into the token ids the engine will see."""
-
-    async def tokens(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> list[int]: ...
 
 
 def _token_prompt(request: LLMRequest) -> list[int] | None:

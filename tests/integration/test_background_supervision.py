@@ -29,7 +29,8 @@ from epp.datastore import Endpoint, EndpointPool, ServerMetrics
 from epp.devtools.procs import free_port
 from epp.discovery.k8s_watch import Reflector
 from epp.discovery.kubernetes import KubernetesDiscovery
-from epp.kvcache.service import KVCacheService, KVCacheSettings
+from epp.kvcache.service import KVCacheService
+from epp.kvcache.settings import KVCacheSettings
 from epp.observability.metrics import EppMetrics
 from epp.runner import build_app
 from tests.integration.httputil import request

@@ -16,13 +16,8 @@ import msgspec
 
 from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint
 from epp.kvcache.match import PrefixMatch
-from epp.kvcache.producer import (
-    DEFAULT_BLOCK_SIZE,
-    ApproximateProducer,
-    PreciseProducer,
-    record_routing,
-)
-from epp.kvcache.service import KVCacheSettings
+from epp.kvcache.producer import ApproximateProducer, PreciseProducer, record_routing
+from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, KVCacheSettings
 from epp.scheduling.registry import PluginDeps, PluginParams
 from epp.scheduling.types import HeaderChanges, SchedulingContext, SchedulingResult
 
