@@ -15,11 +15,52 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+# Ports handed to child processes come from below the kernel's ephemeral range: a port
+# picked by binding to 0 is itself ephemeral, and any outgoing connection (a scrape, a
+# KV-event socket, Envoy's upstream pool) may take it before the child binds it. Below
+# the range only another explicit bind can collide.
+_PORTS_FROM = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+class _PortPicker:
+    """Walks the ports below the ephemeral range from a random start, so picks never
+    repeat within a process and rarely collide across processes."""
+
+    def __init__(self) -> None:
+        try:
+            low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 0
+        self._span = max(0, low - _PORTS_FROM)
+        self._next = int.from_bytes(os.urandom(4), "big") % self._span if self._span else 0
+
+    def skip(self, port: int) -> None:
+        """Never hand out ``port`` next (it was taken with the one before it)."""
+        if self._span and _PORTS_FROM + self._next == port:
+            self._next = (self._next + 1) % self._span
+
+    def pick(self) -> int:
+        for _ in range(self._span):
+            port = _PORTS_FROM + self._next
+            self._next = (self._next + 1) % self._span
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+_picker = _PortPicker()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range."""
+    return _picker.pick()
 
 
 def free_port_pair() -> int:
@@ -33,6 +74,7 @@ def free_port_pair() -> int:
                 s.bind(("127.0.0.1", p + 1))
             except OSError:
                 continue
+        _picker.skip(p + 1)  # the next pick must not hand out the replay port
         return p
     raise OSError("no two consecutive free ports found")
 
