@@ -163,6 +163,7 @@ class App:
         else:
             self._h2 = H2ExtProcServer(self.director, max_body_bytes=s.max_body_bytes,
                                        ssl_context=self.tls.ssl_context() if self.tls else None)
+            self._h2.on_tls_failure = self.metrics.count_tls_failure
             if s.grpc_max_recv_msg_bytes:
                 self._h2.max_message = s.grpc_max_recv_msg_bytes
             self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port)

@@ -587,6 +587,7 @@ class H2ExtProcServer:
         # handshakes present the new one); cleartext h2c otherwise.
         self.ssl_context = ssl_context
         self.tls_failures = 0  # connections that failed their handshake (or spoke cleartext)
+        self.on_tls_failure: Callable[[str], None] | None = None  # a metric, by kind
         self._tls_logs = LogLimiter(tls_log)
         self._handshaking: set[TlsServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -606,6 +607,15 @@ class H2ExtProcServer:
 
     def _count_tls_failure(self, reason: str) -> None:
         self.tls_failures += 1
+        if self.on_tls_failure is not None:
+            # A bounded label: OpenSSL's reason strings stay in the log line.
+            if reason == "handshake timeout":
+                kind = "timeout"
+            elif reason.startswith("handshake"):
+                kind = "handshake_error"
+            else:
+                kind = "cleartext"
+            self.on_tls_failure(kind)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, GOAWAY every connection, let open streams finish within

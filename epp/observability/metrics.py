@@ -107,6 +107,12 @@ class EppMetrics:
             "fallbacks), other (another endpoint of the pool), unknown (not in the pool). "
             "Their load, status and cache-accuracy check go to the endpoint that served.",
             ("where",), registry=r)
+        self.tls_failures = Counter(
+            "epp_extproc_tls_handshake_failures",
+            "Connections to the ext_proc port that failed before HTTP/2 (h2 transport), by "
+            "reason: cleartext (the peer spoke h2c or HTTP/1 to the TLS port), "
+            "handshake_error (e.g. a protocol or version mismatch), timeout.",
+            ("reason",), registry=r)
         self.unreachable_fail_open = Counter(
             "epp_unreachable_fail_open",
             "Scheduling cycles in which every candidate endpoint was unreachable, so all "
@@ -135,6 +141,10 @@ class EppMetrics:
     def count_background_failure(self, task: str) -> None:
         """A supervised background task of kind ``task`` died and is being restarted."""
         self.background_failures.labels(task).inc()
+
+    def count_tls_failure(self, reason: str) -> None:
+        """A connection to the ext_proc port failed its TLS handshake."""
+        self.tls_failures.labels(reason).inc()
 
     def count_watch_error(self, resource: str, reason: str) -> None:
         """A Kubernetes list or watch of ``resource`` failed for ``reason`` (retried)."""

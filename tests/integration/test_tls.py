@@ -4,6 +4,7 @@ certificate rotated under traffic, and a gateway that speaks cleartext to the TL
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from epp.devtools import envoy as envoy_cfg
 from epp.devtools.stack import LocalStack, StackPorts
-from tests.integration.httputil import post
+from tests.integration.httputil import post, request
 from tests.tlsutil import issue, make_ca, probe, write_pair
 
 pytestmark = pytest.mark.integration
@@ -160,6 +161,9 @@ def test_cleartext_gateway_on_the_tls_port_is_logged_and_the_epp_serves_on(
     if transport == "h2":
         stack.epp.wait_for_log("cleartext HTTP/2 (h2c) on the TLS ext_proc port from 127.0.0.1:")
         assert b"--secure-serving=false" in stack.epp.log_path.read_bytes()
+        page = request(f"http://127.0.0.1:{stack.ports.epp_metrics}/metrics").body.decode()
+        assert re.search(r'epp_extproc_tls_handshake_failures_total\{reason="cleartext"\} '
+                         r'[1-9]', page), page[-2000:]
     else:  # grpc.aio: gRPC core's own line, which names no peer
         stack.epp.wait_for_log("Handshake failed with error SSL_ERROR_SSL")
     _restart_envoy(stack, envoy_cfg.KGATEWAY_TLS)
