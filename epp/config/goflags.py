@@ -38,19 +38,23 @@ def parse_go_bool(text: str) -> bool:
     raise ValueError(f"invalid boolean {text!r} (use true or false)")
 
 
-def parse_go_duration(text: str) -> float:
+def parse_go_duration(text: str, *, bare_seconds: bool = True) -> float:
     """Seconds in a Go duration (``1h2m3.5s``, ``50ms``, ``-1s``, ``0``).
 
-    A bare number is read as seconds: this picker's own flags took seconds before they
-    took Go durations, and deployed manifests still pass them that way.
+    With ``bare_seconds`` a bare number is read as seconds: this picker's own flags took
+    seconds before they took Go durations, and deployed manifests still pass them that
+    way. Config files follow Go strictly (only ``0`` goes without a unit).
     """
     s = text.strip()
     if not s:
         raise ValueError("empty duration")
-    try:
-        return float(s)
-    except ValueError:
-        pass
+    if s == "0":
+        return 0.0
+    if bare_seconds:
+        try:
+            return float(s)
+        except ValueError:
+            pass
     sign = 1.0
     if s[0] in "+-":
         sign = -1.0 if s[0] == "-" else 1.0

@@ -12,10 +12,10 @@ what to use instead, so a config using it fails start-up with one line saying so
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from epp.config.goflags import parse_go_duration
 from epp.datalayer.parser import SGLANG_METRICS, VLLM_METRICS, EngineMetrics
 from epp.scheduling.registry import PluginDeps, PluginParams, PluginRegistry
 
@@ -271,22 +271,13 @@ def parse_feature_gates(gates: list[str]) -> dict[str, bool]:
     return values
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str) -> float:
-    """A Go duration (``200ms``, ``1.5s``, ``1m30s``) in seconds; ``ValueError`` if not one."""
-    pos, total = 0, 0.0
-    text = text.strip()
-    if text == "0":  # the one unitless duration Go accepts
-        return 0.0
-    while pos < len(text):
-        match = _DURATION.match(text, pos)
-        if match is None:
-            raise ValueError(f"{text!r} is not a duration such as 200ms or 1s")
-        total += float(match.group(1)) * _UNIT_S[match.group(2)]
-        pos = match.end()
-    if pos == 0:
-        raise ValueError(f"{text!r} is not a duration such as 200ms or 1s")
-    return total
+    """A non-negative Go duration in a config file (``200ms``, ``1.5s``, ``1m30s``), in
+    seconds; ``ValueError`` if not one."""
+    try:
+        seconds = parse_go_duration(text, bare_seconds=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 200ms or 1s") from None
+    if seconds < 0:
+        raise ValueError(f"{text!r} is negative; a duration such as 200ms or 1s is needed")
+    return seconds
