@@ -31,6 +31,8 @@ from typing import Any, Generic, TypeVar
 
 import aiohttp
 
+from epp.supervise import Backoff
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -104,28 +106,6 @@ class WatchExpired(Exception):
     """410 Gone: the resourceVersion is older than the server's history; list again."""
 
 
-class Backoff:
-    """Exponential backoff with jitter: ``initial_s`` doubling up to ``max_s``."""
-
-    def __init__(self, initial_s: float = DEFAULT_BACKOFF_INITIAL_S,
-                 max_s: float = DEFAULT_BACKOFF_MAX_S) -> None:
-        if not 0 < initial_s <= max_s:
-            raise ValueError("backoff: need 0 < initial_s <= max_s")
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._next = initial_s
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt (grows until :meth:`reset`)."""
-        delay = self._next * (0.5 + random.random() / 2)
-        self._next = min(self._next * 2, self.max_s)
-        return delay
-
-    def reset(self) -> None:
-        """After a success: start again from ``initial_s``."""
-        self._next = self.initial_s
-
-
 async def status_error(resp: aiohttp.ClientResponse, verb: str,
                        resource: Resource) -> KubeAPIError:
     """The :class:`KubeAPIError` for a non-2xx response (reads its Status body)."""
@@ -189,7 +169,7 @@ class Reflector(Generic[T]):
         self._field_selector = field_selector
         self._watch_timeout_s = watch_timeout_s
         self._list_timeout_s = list_timeout_s
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or Backoff(DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S)
         self._pending: aiohttp.ClientResponse | None = None  # an opened, unread watch
         self._last_problem: str | None = None
         self._on_error = on_error
@@ -293,7 +273,7 @@ class Reflector(Generic[T]):
                 except TRANSIENT_ERRORS as exc:
                     self.count_error(error_reason(exc))
                     self._problem(logging.WARNING, f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(self._backoff.next_delay())
+                await asyncio.sleep(self._backoff.next())
         except Exception:
             self.resource_version = None  # list again after the restart
             raise

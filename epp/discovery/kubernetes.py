@@ -50,7 +50,6 @@ from epp.discovery.k8s_watch import (
     DEFAULT_LIST_TIMEOUT_S,
     DEFAULT_WATCH_TIMEOUT_S,
     TRANSIENT_ERRORS,
-    Backoff,
     KubeAPIError,
     Reflector,
     Resource,
@@ -59,8 +58,7 @@ from epp.discovery.k8s_watch import (
     error_reason,
     explain,
 )
-from epp.supervise import Backoff as SupervisorBackoff
-from epp.supervise import FailureCounter, LogLimiter, supervised
+from epp.supervise import Backoff, FailureCounter, LogLimiter, supervised
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +354,8 @@ class KubernetesDiscovery:
                                              validate_ports(list(target_ports), "target_ports"))
         if kv_events_port is not None and not 0 < kv_events_port < 65536:
             raise ValueError(f"kv_events_port: {kv_events_port} is not a TCP port")
-        Backoff(backoff_initial_s, backoff_max_s)  # validate now, not at the first error
+        if not 0 < backoff_initial_s <= backoff_max_s:  # now, not at the first error
+            raise ValueError("backoff: need 0 < initial_s <= max_s")
         self._pool = pool
         self._namespace = namespace
         self._pool_name = pool_name
@@ -420,7 +419,7 @@ class KubernetesDiscovery:
         return supervised(r.run, task=WATCH_TASK_PREFIX + r.resource.plural,
                           what=f"watch of {r.resource.qualified} for {self._where}",
                           logs=self._logs, count=self._on_task_failure,
-                          backoff=SupervisorBackoff(*self._backoff))
+                          backoff=Backoff(*self._backoff))
 
     async def stop(self) -> None:
         """Stop watching and close the API client; the pool keeps its endpoints."""
@@ -539,7 +538,7 @@ class KubernetesDiscovery:
                 r.count_error(error_reason(exc))
                 problem = f"{type(exc).__name__}: {exc}"
             log.warning("%s: start-up sync: %s; retrying", r.resource.qualified, problem)
-            await asyncio.sleep(backoff.next_delay())
+            await asyncio.sleep(backoff.next())
 
     def _on_pool_change(self) -> None:
         assert self._pools is not None
