@@ -468,20 +468,18 @@ class KubernetesDiscovery:
         for group in OBJECTIVE_GROUPS:
             if pool_name is None:
                 break  # standalone: no pool for objectives or rewrites to name
-            if self._objectives_sink is not None:
-                self._objectives.append(reflector(
-                    Resource(group, OBJECTIVE_VERSION, OBJECTIVE_PLURAL, ns),
-                    functools.partial(custom.list_namespaced_custom_object, group,
-                                      OBJECTIVE_VERSION, ns, OBJECTIVE_PLURAL),
-                    functools.partial(objective_priority, pool_name=pool_name),
-                    self._publish_objectives))
-            if self._rewrites_sink is not None:
-                self._rewrites.append(reflector(
-                    Resource(group, OBJECTIVE_VERSION, REWRITE_PLURAL, ns),
-                    functools.partial(custom.list_namespaced_custom_object, group,
-                                      OBJECTIVE_VERSION, ns, REWRITE_PLURAL),
-                    functools.partial(model_rewrite, pool_name=pool_name),
-                    self._publish_rewrites))
+            kinds: list[tuple[bool, str, Any, Any, list[Reflector[Any]]]] = [
+                (self._objectives_sink is not None, OBJECTIVE_PLURAL, objective_priority,
+                 self._publish_objectives, self._objectives),
+                (self._rewrites_sink is not None, REWRITE_PLURAL, model_rewrite,
+                 self._publish_rewrites, self._rewrites)]
+            for wanted, plural, parse, publish, into in kinds:
+                if wanted:
+                    into.append(reflector(
+                        Resource(group, OBJECTIVE_VERSION, plural, ns),
+                        functools.partial(custom.list_namespaced_custom_object, group,
+                                          OBJECTIVE_VERSION, ns, plural),
+                        functools.partial(parse, pool_name=pool_name), publish))
 
     async def _initial_sync(self) -> None:
         listed: list[Reflector[Any]] = []
