@@ -39,7 +39,7 @@ from epp.kvcache.stream import EventStream, KVEventStats
 from epp.kvcache.subscriber import KVEventSubscriber
 from epp.supervise import Backoff, LogLimiter, supervise
 from epp.kvcache.types import EventSink
-from epp.kvcache.wire import TOPIC_PREFIX, parse_live, recv_frames, topic_address
+from epp.kvcache.wire import TOPIC_PREFIX, live_messages, topic_address
 
 log = logging.getLogger(__name__)
 
@@ -232,29 +232,25 @@ class KVEventsManager:
                            "restarting in %.1fs", self.bound_address,
                            exc.__class__.__name__, delay, exc_info=True)
 
+    def _on_malformed(self, frames: int) -> None:
+        self._unmatched.dropped += 1
+        self._logs.warning("frames", "kv events: dropped a message with malformed frames "
+                           "(%d)", frames)
+
     async def _run_central(self) -> None:
         sub, self._central_sub = self._central_sub, None
         if sub is None:  # after a failure: a fresh socket on the port bound at start
             assert self.bound_address is not None
             sub = self._bind_central(self.bound_address)
         try:
-            raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
-            while True:
-                frames = await recv_frames(sub, raw)
-                assert frames is not None  # no timeout
-                parsed = parse_live(frames)
-                if parsed is None:
-                    self._unmatched.dropped += 1
-                    self._logs.warning("frames", "kv events: dropped a message with "
-                                       "malformed frames (%d)", len(frames))
-                    continue
-                stream = self._stream_for(parsed[0])
+            async for topic, seq, payload in live_messages(sub, self._on_malformed):
+                stream = self._stream_for(topic)
                 if stream is None:
                     self._unmatched.unknown_topics += 1
                     self._logs.warning("topic", "kv events: dropped a message with topic "
-                                       "%r (no such endpoint)", parsed[0][:80])
+                                       "%r (no such endpoint)", topic[:80])
                     continue
-                await stream.on_live(parsed[1], parsed[2])
+                await stream.on_live(seq, payload)
         except zmq.ContextTerminated:
             pass  # stopping
         finally:

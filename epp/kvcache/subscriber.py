@@ -29,7 +29,7 @@ from epp.kvcache.wire import (
     END_SEQ,
     SEQ_BYTES,
     TOPIC_PREFIX,
-    parse_live,
+    live_messages,
     parse_replay,
     recv_frames,
     with_port,
@@ -113,6 +113,11 @@ class KVEventSubscriber:
                            "%.1fs", self.endpoint.name, exc.__class__.__name__, delay,
                            exc_info=True)
 
+    def _on_malformed(self, frames: int) -> None:
+        self.stats.dropped += 1
+        self._logs.warning("frames", "kv events %s: dropped malformed message (%d frames)",
+                           self.endpoint.name, frames)
+
     async def _run(self) -> None:
         sub = self._ctx.socket(zmq.SUB)
         try:
@@ -123,17 +128,8 @@ class KVEventSubscriber:
             _connect(sub, self.publisher)
             log.info("kv events %s: subscribed to %s (replay %s)", self.endpoint.name,
                      self.publisher, self.replay_address or "off")
-            raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
-            while True:
-                frames = await recv_frames(sub, raw)
-                assert frames is not None  # no timeout
-                parsed = parse_live(frames)
-                if parsed is None:
-                    self.stats.dropped += 1
-                    self._logs.warning("frames", "kv events %s: dropped malformed message "
-                                       "(%d frames)", self.endpoint.name, len(frames))
-                    continue
-                await self.stream.on_live(parsed[1], parsed[2])
+            async for _, seq, payload in live_messages(sub, self._on_malformed):
+                await self.stream.on_live(seq, payload)
         except zmq.ContextTerminated:
             pass  # the manager is shutting down
         finally:

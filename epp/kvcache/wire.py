@@ -3,6 +3,8 @@ cheap receive for queued messages. No state: the sequence logic is in ``stream``
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+
 import zmq
 import zmq.asyncio
 
@@ -29,6 +31,21 @@ async def recv_frames(sock: zmq.asyncio.Socket, raw: zmq.Socket[bytes],
         except zmq.Again:
             if not await sock.poll(timeout_ms):  # POLLIN
                 return None
+
+
+async def live_messages(sock: zmq.asyncio.Socket, on_malformed: Callable[[int], None]
+                        ) -> AsyncIterator[tuple[bytes, int, bytes]]:
+    """Live messages from a SUB socket as ``(topic, seq, payload)``, forever; a message
+    with the wrong frames is passed to ``on_malformed`` (its frame count) and skipped."""
+    raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+    while True:
+        frames = await recv_frames(sock, raw)
+        assert frames is not None  # no timeout
+        parsed = parse_live(frames)
+        if parsed is None:
+            on_malformed(len(frames))
+            continue
+        yield parsed
 
 
 def parse_live(frames: list[bytes]) -> tuple[bytes, int, bytes] | None:
