@@ -88,7 +88,6 @@ class SchedulerProfile:
         timer("picker", self.picker.type_name, self.picker.name, clock() - t0)
         return ProfileResult(
             endpoints=picked,
-            scores={e.name: v for e, v in zip(endpoints, totals)} if explain else {},
             plugin_scores=plugin_scores,
             candidates=n,
             scored=endpoints,

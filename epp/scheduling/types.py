@@ -41,14 +41,18 @@ class ProfileResult:
     candidate that survived the filters."""
 
     endpoints: list[Endpoint]
-    scores: dict[str, float] = field(default_factory=dict)
     plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: int = 0
     error: str | None = None  # why the profile chose nothing
     # The candidates that survived the filters and their total scores, in the same order
-    # (kept on every cycle: two list references; ``scores`` is the explain-only dict).
+    # (kept on every cycle: two list references).
     scored: Sequence[Endpoint] = ()
     totals: Sequence[float] = ()
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Each scored candidate's total, by endpoint name."""
+        return {e.name: v for e, v in zip(self.scored, self.totals)}
 
 
 @dataclass(slots=True)
