@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from epp.config import EppSettings
@@ -35,6 +33,7 @@ from epp.observability.metrics import EppMetrics
 from epp.runner import build_app
 from tests.integration.httputil import request
 from tests.k8sfake import FakeKubeServer, make_objective, make_pod, make_pool
+from tests.unit.test_datalayer import FakePod, page
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -82,50 +81,16 @@ class Once:
 # --- metrics poller ---------------------------------------------------------------------
 
 
-class MetricsPage:
-    """A real HTTP server on a free loopback port with a settable vLLM /metrics page."""
-
-    def __init__(self) -> None:
-        self.waiting = 3
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        labels = '{engine="0",model_name="m"}'
-        return web.Response(text=(
-            f"vllm:num_requests_running{labels} 1\n"
-            f"vllm:num_requests_waiting{labels} {self.waiting}\n"
-            f"vllm:kv_cache_usage_perc{labels} 0.5\n"))
-
-
 @pytest_asyncio.fixture
-async def metrics_page() -> AsyncIterator[MetricsPage]:
-    page = MetricsPage()
-    await page.start()
-    yield page
-    await page.close()
+async def metrics_page() -> AsyncIterator[FakePod]:
+    pod = FakePod()  # serves a vLLM page with waiting=3
+    await pod.start()
+    yield pod
+    await pod.close()
 
 
 async def test_a_poller_that_dies_is_restarted_scrapes_again_and_is_counted(
-        metrics_page: MetricsPage, monkeypatch: pytest.MonkeyPatch,
+        metrics_page: FakePod, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     pool = EndpointPool()
     pool.replace_all([Endpoint(name="pod-a", address=metrics_page.address)])
@@ -150,7 +115,7 @@ async def test_a_poller_that_dies_is_restarted_scrapes_again_and_is_counted(
             assert fault.fired
             assert failures(metrics, "scraper") == 1
             assert scraper.polled_endpoints == {"pod-a"}
-            metrics_page.waiting = 7  # and it keeps polling
+            metrics_page.page = page(waiting=7)  # and it keeps polling
             await eventually(lambda: endpoint.state.metrics.waiting == 7, "a later scrape")
     # Logged with the endpoint, without the endpoint in the metric's labels.
     assert any("pod-a" in r.getMessage() and "restarting" in r.getMessage()
