@@ -27,9 +27,9 @@ from epp.devtools.stack import LocalStack, StackPorts  # noqa: E402
 from tests.integration.httputil import post  # noqa: E402
 from tests.integration.test_faults_pods import (  # noqa: E402
     SIM_ARGS,
-    Load,
     ProxyThread,
     chat,
+    chat_load,
     epp_metric,
 )
 
@@ -47,7 +47,7 @@ def kill_run(work: Path) -> dict[str, float]:
         time.sleep(0.5)
         victim = stack.sim_addresses.index(home[0])
         name = f"sim-{victim}"
-        load = Load(stack.url, groups=lambda n: n % 3).start()
+        load = chat_load(stack.url, lambda n: n % 3).start()
         time.sleep(2.0)
         in_flight = epp_metric(stack, "epp_endpoint_inflight_requests", endpoint=name)
         killed_at = time.monotonic()

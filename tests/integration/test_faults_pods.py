@@ -8,8 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from epp.devtools.procs import Process, free_port, python_module
 from epp.devtools.stack import LocalStack, StackPorts
 from epp.kvcache.tokens import RENDER_STALL_COOLDOWN_S
 from tests.integration.httputil import post, request
+from tests.integration.openloop import Load
 
 pytestmark = pytest.mark.integration
 
@@ -55,61 +55,10 @@ def epp_metric(stack: LocalStack, name: str, **labels: str) -> float:
     return total
 
 
-@dataclass
-class Sent:
-    """One request of the load generator."""
-
-    group: int
-    sent: float
-    done: float = 0.0
-    status: int = 0
-    pod: str | None = None
-
-
-@dataclass
-class Load:
-    """Open-loop load: one request every 1/rate s, whatever the answers do."""
-
-    url: str
-    groups: Callable[[int], int]
-    rate: float = RATE
-    results: list[Sent] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> list[Sent]:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        return self.results
-
-    def _one(self, item: Sent, n: int) -> None:
-        try:
-            reply = post(self.url + "/v1/chat/completions", chat(item.group, f"Question {n}?"))
-            item.status, item.pod = reply.status, reply.headers.get("x-sim-endpoint")
-        except OSError:
-            item.status = -1
-        item.done = time.monotonic()
-
-    def _run(self) -> None:
-        futures: list[Future[None]] = []
-        with ThreadPoolExecutor(32) as pool:
-            n = 0
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                item = Sent(self.groups(n), time.monotonic())
-                self.results.append(item)
-                futures.append(pool.submit(self._one, item, n))
-                n += 1
-                next_at += 1.0 / self.rate
-                time.sleep(max(0.0, next_at - time.monotonic()))
-            for f in futures:
-                f.result()
+def chat_load(url: str, groups: Callable[[int], int]) -> Load:
+    """Shared-prefix chat traffic at ``RATE``: request ``n`` belongs to tenant ``groups(n)``."""
+    return Load(url, RATE, path="/v1/chat/completions", groups=groups, workers=32,
+                body=lambda group, n: chat(group, f"Question {n}?"))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -158,7 +107,7 @@ def test_killed_warm_pod_leaves_at_once_and_returns_when_restarted(
     victim = stack.sim_addresses.index(home[0])
     name = f"sim-{victim}"
 
-    load = Load(stack.url, groups=lambda n: n % 3).start()
+    load = chat_load(stack.url, lambda n: n % 3).start()
     time.sleep(1.5)
     in_flight = epp_metric(stack, "epp_endpoint_inflight_requests", endpoint=name)
     killed_at = time.monotonic()
@@ -346,7 +295,7 @@ def test_endpoints_churn_under_load_fails_no_request(tmp_path: Path) -> None:
         stack.ports.sims, all_sims = stack.ports.sims[:2], stack.ports.sims
         stack.start()
         stack.ports.sims = all_sims
-        load = Load(stack.url, groups=lambda n: n % 6).start()
+        load = chat_load(stack.url, lambda n: n % 6).start()
         time.sleep(1.0)
         # Pods are listed as they are scheduled, before their servers listen.
         for i in (2, 3):

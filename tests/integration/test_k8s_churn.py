@@ -9,11 +9,8 @@ event that removed it."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +19,14 @@ import pytest_asyncio
 
 from epp.devtools.procs import Process, free_port, python_module
 from epp.devtools.stack import LocalStack, StackPorts
-from tests.integration.httputil import post, request
+from tests.integration.httputil import request
+from tests.integration.openloop import Load
 from tests.k8sfake.server import FakeKubeServer, make_pod, make_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 NS = "inference"
 POOL = "llm-pool"
 LABELS = {"app": "vllm"}
-COMPLETION = {"model": "qwen3", "prompt": "hello", "max_tokens": 1}
 PODS = 4
 # Requests per second: steady enough that every phase below sees tens of requests, light
 # enough for a 2-core machine running Envoy, the EPP, four pods and this client.
@@ -45,65 +42,6 @@ ROUTE_GRACE_S = 1.0
 # two seconds of traffic, spread by the EPP over the 2-3 pods still in the pool.
 AFTER_GRACE = int(2 * RATE)
 DEADLINE_S = 60.0
-
-
-@dataclass
-class Sent:
-    """One request of the load generator."""
-
-    sent: float
-    done: float = 0.0
-    status: int = 0
-    pod: str | None = None
-    error: str = ""
-
-
-@dataclass
-class Load:
-    """Open-loop load: one request every 1/rate s, whatever the answers do."""
-
-    url: str
-    rate: float = RATE
-    results: list[Sent] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> list[Sent]:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        return self.results
-
-    def answered(self) -> list[Sent]:
-        return [r for r in list(self.results) if r.done]
-
-    def _one(self, item: Sent) -> None:
-        try:
-            reply = post(self.url + "/v1/completions", COMPLETION)
-            item.status, item.pod = reply.status, reply.headers.get("x-sim-endpoint")
-            if reply.status != 200:
-                item.error = reply.body[:200].decode(errors="replace")
-        except OSError as exc:
-            item.status, item.error = -1, repr(exc)
-        item.done = time.monotonic()
-
-    def _run(self) -> None:
-        futures: list[Future[None]] = []
-        with ThreadPoolExecutor(16) as pool:
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                item = Sent(time.monotonic())
-                self.results.append(item)
-                futures.append(pool.submit(self._one, item))
-                next_at += 1.0 / self.rate
-                time.sleep(max(0.0, next_at - time.monotonic()))
-            for f in futures:
-                f.result()
 
 
 async def eventually(predicate: Callable[[], bool], what: str) -> None:
@@ -153,7 +91,7 @@ async def test_pods_come_and_go_under_load_without_failures_or_late_routes(
         await asyncio.to_thread(stack.start_epp, (), [
             "--pool-name", POOL, "--pool-namespace", NS, "--kubeconfig", str(kubeconfig)])
         await asyncio.to_thread(stack.start_envoy)
-        traffic = load = Load(stack.url).start()
+        traffic = load = Load(stack.url, RATE).start()
         start = time.monotonic()
         await eventually(lambda: served_by(traffic, addr[0], start), "traffic on pod 0")
         await eventually(lambda: served_by(traffic, addr[1], start), "traffic on pod 1")
