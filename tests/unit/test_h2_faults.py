@@ -142,6 +142,21 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def finish(c: H2Client, sid: int) -> None:
+    """Send the response side of a routed stream and check it completes."""
+    c.send(sid, fe.response_headers(), fe.response_body(b"{}", True), end_stream=True)
+    c.flush()
+    assert_completed(await c.wait(sid))
+
+
+async def assert_serves(c: H2Client) -> None:
+    """The connection still serves a whole new exchange."""
+    sid = c.open()
+    full_exchange(c, sid)
+    c.flush()
+    assert_completed(await c.wait(sid))
+
+
 def assert_completed(result: Any) -> None:
     assert result.reset is None and result.grpc_status == b"0", (result.reset, result.trailers)
     assert result.kinds() == ["request_headers", "request_body", "response_headers",
@@ -164,19 +179,13 @@ async def test_coalesced_headers_and_reset_leave_other_streams_alone(rig: Rig) -
         # ... and streams that end at once (HEADERS + END_STREAM).
         ended = [c.open(end_stream=True) for _ in range(5)]
         c.flush()
-        c.send(bystander, fe.response_headers(), fe.response_body(b"{}", True),
-               end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(bystander))
+        await finish(c, bystander)
         for sid in ended:
             result = await c.wait(sid)
             assert result.reset is not None or result.grpc_status == b"0"
         assert not c.closed.is_set()
         # The connection still serves new requests.
-        sid = c.open()
-        full_exchange(c, sid)
-        c.flush()
-        assert_completed(await c.wait(sid))
+        await assert_serves(c)
     finally:
         await c.close()
 
@@ -192,9 +201,7 @@ async def test_undecodable_message_fails_only_its_stream(rig: Rig) -> None:
         c.flush()
         result = await c.wait(bad)
         assert result.reset is not None or result.grpc_status not in (None, b"0")
-        c.send(good, fe.response_headers(), fe.response_body(b"{}", True), end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(good))
+        await finish(c, good)
         assert not c.closed.is_set()
     finally:
         await c.close()
@@ -212,9 +219,7 @@ async def test_out_of_order_messages_fail_the_stream_not_the_connection(rig: Rig
         c.flush()
         result = await c.wait(bad)
         assert result.grpc_status == b"3" or result.reset is not None
-        c.send(good, fe.response_headers(), fe.response_body(b"{}", True), end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(good))
+        await finish(c, good)
     finally:
         await c.close()
 
@@ -340,9 +345,7 @@ async def test_peer_goaway_lets_open_streams_finish(rig: Rig) -> None:
         c.conn.state_machine.state = c.conn.state_machine.state.CLIENT_OPEN
         c.flush()
         await asyncio.sleep(0.05)
-        c.send(sid, fe.response_headers(), fe.response_body(b"{}", True), end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(sid))
+        await finish(c, sid)
     finally:
         await c.close()
 
@@ -379,10 +382,7 @@ async def test_a_peer_that_stops_reading_cannot_grow_the_buffer(kind: str) -> No
         assert c.conn.local_flow_control_window(sid) < 70_000  # the server stopped granting
         assert sent < 24 * 1024 * 1024  # it stopped us long before 24 MiB
         # Another stream on the same connection is unaffected.
-        other = c.open()
-        full_exchange(c, other)
-        c.flush()
-        assert_completed(await c.wait(other))
+        await assert_serves(c)
     finally:
         await c.close()
         await stop(0.5)
@@ -408,10 +408,7 @@ async def test_partial_messages_count_against_the_connection_cap() -> None:
         assert r.h2 is not None
         conn = next(iter(r.h2.connections))
         assert conn.held_bytes <= 1024 * 1024
-        other = c.open()
-        full_exchange(c, other)
-        c.flush()
-        assert_completed(await c.wait(other))
+        await assert_serves(c)
     finally:
         await c.close()
         await stop(0.5)
@@ -432,10 +429,7 @@ async def test_rapid_reset_flood_leaves_nothing_behind(rig: Rig) -> None:
                 c.reset(sid)
             c.flush()
             await asyncio.sleep(0)
-        c.send(bystander, fe.response_headers(), fe.response_body(b"{}", True),
-               end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(bystander))
+        await finish(c, bystander)
         await until(lambda: rig.endpoint.state.load.requests == 0)
         if rig.h2 is not None:
             await until(lambda: rig.h2 is not None and rig.h2.active_streams == 0)
@@ -480,10 +474,7 @@ async def test_any_interleaving_of_stream_faults_spares_the_bystander(ops: Any) 
                 c.reset(sid) if op == "reset" else c.conn.end_stream(sid)
                 gone.add(sid)
         c.flush()
-        c.send(bystander, fe.response_headers(), fe.response_body(b"{}", True),
-               end_stream=True)
-        c.flush()
-        assert_completed(await c.wait(bystander))
+        await finish(c, bystander)
         assert not c.closed.is_set()
         for sid in sids:  # close whatever is still open; nothing may hang or leak
             if sid not in gone:
