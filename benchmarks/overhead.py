@@ -124,17 +124,6 @@ def start_round_robin_envoy(work_dir: Path, listen_port: int, admin_port: int,
     return proc
 
 
-def envoy_version() -> str:
-    """``1.x.y`` of the Envoy binary in use, or "unknown"."""
-    try:
-        out = subprocess.run([envoy_cfg.envoy_binary(), "--version"], capture_output=True,
-                             text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    match = re.search(r"/(\d+\.\d+\.\d+)/", out)
-    return match.group(1) if match else "unknown"
-
-
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo, or the platform's processor string."""
     try:
@@ -687,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     generator = pick_generator(args.generator, args.wrk_threads)
     today = dt.date.today().isoformat()
     info = RunInfo(date=today, nproc=len(os.sched_getaffinity(0)), cpu=cpu_model(),
-                   generator=generator.label, envoy=envoy_version(),
+                   generator=generator.label,
+                   envoy=envoy_cfg.envoy_version() or "unknown",
                    envoy_concurrency=args.envoy_concurrency, warmup_s=args.warmup,
                    duration_s=args.duration)
     print(f"nproc = {info.nproc}; load generator: {generator.label}; "

@@ -31,11 +31,9 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -505,17 +503,6 @@ def start_envoy(stack: LocalStack, access_log: Path) -> None:
     wait_for_http(f"http://{HOST}:{p.envoy_admin}/ready", expect=b"LIVE")
 
 
-def envoy_version() -> str:
-    """``Envoy 1.x.y`` for the binary in use."""
-    try:
-        out = subprocess.run([envoy_cfg.envoy_binary(), "--version"], capture_output=True,
-                             text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "Envoy"
-    match = re.search(r"/(\d+\.\d+\.\d+)/", out)
-    return f"Envoy {match.group(1)}" if match else "Envoy"
-
-
 def read_access_log(path: Path) -> dict[str, dict[str, str]]:
     """Envoy's access log entries by request id (torn or foreign lines skipped)."""
     entries: dict[str, dict[str, str]] = {}
@@ -623,7 +610,7 @@ def render(args: argparse.Namespace, records: Sequence[Record], events: Sequence
     lines = [f"# Soak run, {today}", "",
              f"{elapsed:.0f} s of traffic at {args.rate:g} req/s (Poisson, at most "
              f"{args.concurrency} in flight) through Envoy "
-             f"({envoy_version()}, shipped config) to the EPP "
+             f"(Envoy {envoy_cfg.envoy_version() or '?'}, shipped config) to the EPP "
              f"(built-in profile, precise prefix scorer from kvEvents) and {args.pods} epp-sim "
              f"pods (+1 spare for churn; `{' '.join(SIM_ARGS)}`). Warm-up {args.warmup:g} s; "
              f"then a pod SIGKILLed every {args.kill_every:g} s (restarted after "

