@@ -23,20 +23,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.cli import parse_args, settings_from_args
 from epp.config import ConfigError, EppSettings
-from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
 from epp.extproc import certs
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.extproc.tls import TlsServerProtocol, describe_cleartext
 from epp.extproc.tls import log as tls_log
-from epp.observability.metrics import EppMetrics
-from epp.requestcontrol.admission import Admission, SaturationDetector
-from epp.requestcontrol.director import Director
 from epp.runner import build_app
-from epp.scheduling.types import ProfileResult, SchedulingResult
 from epp.supervise import LogLimiter
 from tests.h2client import H2Client
+from tests.unit.test_h2server import director
 from tests.tlsutil import issue, make_ca, probe, write_pair
 
 # -- certificates ------------------------------------------------------------------------
@@ -138,17 +134,6 @@ def test_describe_cleartext(first: bytes, expected: str | None) -> None:
 
 
 # -- both transports over TLS ----------------------------------------------------------
-
-
-class First:
-    def schedule(self, ctx, candidates, explain=False):  # type: ignore[no-untyped-def]
-        return SchedulingResult({"p": ProfileResult([candidates[0]])}, "p")
-
-
-def director() -> Director:
-    pool = EndpointPool()
-    pool.upsert(Endpoint("a", "10.0.0.1:8000"))
-    return Director(pool, First(), Admission({}, SaturationDetector(5, 0.8, 0.5)), EppMetrics())
 
 
 Serve = Callable[[certs.ExtProcTls], Awaitable[int]]  # starts a server, returns its port
