@@ -125,9 +125,17 @@ def setup_tracing(*, exporter: Any = None) -> OtelTracing:
             raise TracingError(f"OTLP protocol {protocol!r}: only grpc is supported "
                                "(the upstream picker's exporter)")
         if kind == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter,
-            )
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+            except ImportError as exc:
+                # xds-protos ships its own, older copy of opentelemetry/proto/*; whichever
+                # of the two distributions pip installed last owns those files.
+                raise TracingError(
+                    f"the OTLP exporter cannot be imported ({exc}); if xds-protos was "
+                    "installed after opentelemetry-proto it replaced its files: "
+                    "pip install --force-reinstall --no-deps opentelemetry-proto") from exc
             exporter = OTLPSpanExporter()  # endpoint, headers, TLS from OTEL_EXPORTER_OTLP_*
         elif kind == "console":
             exporter = ConsoleSpanExporter()

@@ -131,3 +131,13 @@ def test_nothing_of_opentelemetry_is_loaded_when_tracing_is_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_exporter_that_cannot_be_imported_is_a_clear_start_up_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a venv gets when xds-protos unpacked its older opentelemetry/proto copy last.
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                        None)
+    with pytest.raises(TracingError, match="force-reinstall --no-deps opentelemetry-proto"):
+        setup_tracing()
