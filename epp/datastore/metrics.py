@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
+
+# Prefill-rate samples kept per endpoint, and the fewest before the rate is trusted.
+PREFILL_SAMPLES = 64
+PREFILL_MIN_SAMPLES = 4
+# Responses whose uncached prompt is shorter than this say more about scheduling jitter
+# than about prefill speed, so they are not samples.
+PREFILL_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,26 +36,79 @@ class ServerMetrics:
 @dataclass(slots=True)
 class EndpointLoad:
     """Requests and prompt tokens the EPP has in flight on an endpoint (this replica
-    only), from routing until the response ends. Reacts before the next scrape does."""
+    only), from routing until the response ends. Reacts before the next scrape does.
+
+    ``prefill_tokens`` is the part of it still to be prefilled: the uncached prompt
+    tokens of requests routed here whose first response byte has not come back yet.
+    Divided by the endpoint's prefill rate it is how long a new request would wait
+    for its first token.
+    """
 
     requests: int = 0
     prompt_tokens: int = 0
+    prefill_tokens: int = 0
     # Requests routed here since the last scrape landed: load the scrape cannot show yet.
     since_scrape: int = 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, uncached: int = 0) -> None:
         self.requests += 1
         self.prompt_tokens += tokens
+        self.prefill_tokens += uncached
         self.since_scrape += 1
 
-    def release(self, tokens: int) -> None:
+    def prefilled(self, uncached: int) -> None:
+        """A request's first response bytes arrived: its prefill is done."""
+        self.prefill_tokens = max(0, self.prefill_tokens - uncached)
+
+    def release(self, tokens: int, uncached: int = 0) -> None:
+        """The request ended; ``uncached``: its prefill tokens still counted here (0 once
+        :meth:`prefilled` took them off)."""
         self.requests = max(0, self.requests - 1)
         self.prompt_tokens = max(0, self.prompt_tokens - tokens)
+        self.prefill_tokens = max(0, self.prefill_tokens - uncached)
 
-    def withdraw(self, tokens: int) -> None:
+    def withdraw(self, tokens: int, uncached: int = 0) -> None:
         """A request counted here was served elsewhere: as if it had never been added."""
-        self.release(tokens)
+        self.release(tokens, uncached)
         self.since_scrape = max(0, self.since_scrape - 1)
+
+
+class PrefillRate:
+    """An endpoint's prefill throughput (prompt tokens per second) learned from its own
+    responses: each streamed response is a sample of ``(prompt_tokens - cached_tokens) /
+    time to first token``. A time to first token also holds time spent queued behind
+    other requests, so a sample under load understates the engine's speed; the estimate
+    is the 90th percentile of the last ``PREFILL_SAMPLES`` samples, which follows the
+    least-queued requests (what a peak throughput means) without trusting one outlier.
+    """
+
+    __slots__ = ("_samples", "_cached")
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=PREFILL_SAMPLES)
+        self._cached: float | None = None
+
+    def observe(self, uncached_tokens: int, ttft_s: float) -> None:
+        """One response: ``uncached_tokens`` prefilled before the first token, which came
+        ``ttft_s`` seconds after routing."""
+        if uncached_tokens < PREFILL_MIN_TOKENS or not 0 < ttft_s < 3600:
+            return
+        self._samples.append(uncached_tokens / ttft_s)
+        self._cached = None
+
+    @property
+    def samples(self) -> int:
+        """How many samples the estimate rests on."""
+        return len(self._samples)
+
+    def tokens_per_s(self) -> float | None:
+        """The estimate, or None until ``PREFILL_MIN_SAMPLES`` samples arrived."""
+        if len(self._samples) < PREFILL_MIN_SAMPLES:
+            return None
+        if self._cached is None:
+            ordered = sorted(self._samples)
+            self._cached = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+        return self._cached
 
 
 @dataclass(slots=True)
@@ -62,6 +123,7 @@ class EndpointState:
 
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     load: EndpointLoad = field(default_factory=EndpointLoad)
+    prefill: PrefillRate = field(default_factory=PrefillRate)
     scrape_error: str | None = None
     unreachable: str | None = None
     unreachable_since: float = 0.0  # time.monotonic() of the first evidence

@@ -133,7 +133,8 @@ class RequestHandle:
 
     __slots__ = ("ctx", "result", "endpoints", "destination", "set_headers",
                  "remove_headers", "body", "endpoint_scores", "served", "status", "usage",
-                 "prompt_tokens", "_director", "_start", "_parser", "_done", "counted")
+                 "prompt_tokens", "prefill_tokens", "ttft", "_director", "_start",
+                 "_parser", "_done", "counted")
 
     def __init__(self, director: Director, ctx: SchedulingContext, result: SchedulingResult,
                  remove_headers: Sequence[str], tokens: int) -> None:
@@ -155,6 +156,10 @@ class RequestHandle:
         self.status = 0
         self.usage: Usage | None = None
         self.prompt_tokens = tokens  # counted as in-flight load until the stream ends
+        # Uncached prompt tokens counted as the served endpoint's outstanding prefill
+        # until the first response bytes arrive (then 0).
+        self.prefill_tokens = 0
+        self.ttft: float | None = None  # seconds from routing to the first response bytes
         self._director = director
         self._start = time.perf_counter()
         self._parser: UsageParser | None = None
@@ -184,6 +189,9 @@ class RequestHandle:
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None:
         """One response body chunk (already on its way to the client)."""
+        if self.ttft is None and (chunk or end_of_stream):
+            self.ttft = self.elapsed
+            self._director.first_bytes(self)
         parser = self._parser
         if parser is not None:
             parser.feed(chunk)
@@ -416,7 +424,11 @@ class Director:
             handle.endpoint_scores = {e.address: total
                                       for e, total in zip(scored.scored, scored.totals)}
         primary = result.endpoints[0]
-        primary.state.load.add(tokens)
+        if match is not None:
+            handle.prefill_tokens = match.uncached_tokens(primary.name)
+        else:
+            handle.prefill_tokens = tokens
+        primary.state.load.add(tokens, handle.prefill_tokens)
         if match is not None and match.prompt_tokens:
             self._metrics.prefix_hit_ratio.labels("precise" if match.precise else "approximate"
                                                   ).observe(match.cached_tokens(primary.name)
@@ -442,18 +454,27 @@ class Director:
         if served is current:  # reported again (e.g. an unknown address twice)
             return
         if current is not None:
-            current.state.load.withdraw(handle.prompt_tokens)
+            current.state.load.withdraw(handle.prompt_tokens, handle.prefill_tokens)
         if served is not None:
-            served.state.load.add(handle.prompt_tokens)
+            served.state.load.add(handle.prompt_tokens, handle.prefill_tokens)
         handle.served = served
         self._metrics.served_elsewhere.labels(where).inc()
+
+    def first_bytes(self, handle: RequestHandle) -> None:
+        """The response's first bytes arrived: the served endpoint has prefilled it."""
+        served = handle.served
+        if served is not None and handle.prefill_tokens:
+            served.state.load.prefilled(handle.prefill_tokens)
+        handle.prefill_tokens = 0
 
     def complete(self, handle: RequestHandle, completed: bool) -> None:
         """Called once per routed request when its stream ends."""
         served = handle.served
         if served is not None:
-            served.state.load.release(handle.prompt_tokens)
+            served.state.load.release(handle.prompt_tokens, handle.prefill_tokens)
+            handle.prefill_tokens = 0
             served.report_response(handle.status)  # 503: gateway could not reach it
+            self._learn_prefill_rate(handle, served, completed)
         model = handle.ctx.model
         status = handle.status
         if not completed or status >= 400 or status == 0:
@@ -476,6 +497,18 @@ class Director:
                 hook.response_complete(handle.ctx, handle.result, status, handle.usage)
             except Exception:  # a hook must not break the stream's teardown
                 log.exception("response-complete hook %s failed", hook.name)
+
+    @staticmethod
+    def _learn_prefill_rate(handle: RequestHandle, served: Endpoint, completed: bool) -> None:
+        """A streamed response's first bytes follow the prefill: with the usage's counts,
+        one sample of the endpoint's prefill rate. (A whole non-streamed body arrives
+        after the decode too, so it says nothing about prefill.)"""
+        usage, request = handle.usage, handle.ctx.request
+        if (not completed or handle.status != 200 or usage is None or handle.ttft is None
+                or request is None or not request.stream):
+            return
+        served.state.prefill.observe(usage.prompt_tokens - (usage.cached_tokens or 0),
+                                     handle.ttft)
 
     def _check_prediction(self, handle: RequestHandle) -> None:
         """Compare the cached tokens we predicted with what the engine reported."""
