@@ -73,16 +73,28 @@ def _cluster(config: dict[str, Any], name: str, source: Path = ENVOY_CONFIG
     raise KeyError(f"cluster {name!r} not in {source}")
 
 
-def epp_config(listen_port: int, epp_port: int, admin_port: int,
+def epp_config(listen_port: int, epp_port: int | Sequence[int], admin_port: int,
                tls: EppTls = KGATEWAY_TLS) -> dict[str, Any]:
-    """The shipped config with its ports (and, if asked, how it dials the EPP) changed."""
+    """The shipped config with its ports (and, if asked, how it dials the EPP) changed.
+    Several EPP ports (replicas on 127.0.0.1) make the picker cluster round-robin over
+    them: each request's ext_proc stream goes to one replica, as behind a Service."""
     config = copy.deepcopy(load_base_config())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
     picker = _cluster(config, "endpoint_picker")
-    picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-        "socket_address"]["port_value"] = epp_port
+    ports = [epp_port] if isinstance(epp_port, int) else list(epp_port)
+    lb_endpoints = picker["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    template = lb_endpoints[0]
+    replicas = []
+    for port in ports:
+        entry = copy.deepcopy(template)
+        entry["endpoint"]["address"]["socket_address"]["port_value"] = port
+        replicas.append(entry)
+    picker["load_assignment"] = copy.deepcopy(picker["load_assignment"])
+    picker["load_assignment"]["endpoints"][0]["lb_endpoints"] = replicas
+    if len(ports) > 1:
+        picker["lb_policy"] = "ROUND_ROBIN"
     _dial_epp(picker, tls)
     config["static_resources"]["clusters"] = [
         picker if c["name"] == "endpoint_picker" else c
