@@ -28,7 +28,7 @@ from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.kvcache.producer import ApproximateProducer
 from epp.kvcache.service import KVCacheService
-from epp.observability.collectors import KVEventsCollector, PoolCollector
+from epp.observability.collectors import KVEventsCollector, KVIndexCollector, PoolCollector
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
 from epp.observability.tracing import NO_TRACING, Tracing, TracingError, setup_tracing
@@ -73,7 +73,9 @@ class App:
         self.director = Director(
             self.pool, cfg.scheduler, admission, self.metrics,
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
-            pre_request=cfg.pre_request, response_complete=cfg.response_complete,
+            pre_request=[*cfg.pre_request, *(s.feedback for s in self.kv_services)],
+            response_complete=[*cfg.response_complete,
+                               *(s.feedback for s in self.kv_services)],
             allow_test_header=settings.enable_test_endpoint_selection,
             model_rewrites=ModelRewrites(random.Random(settings.seed)),
             emit_endpoint_scores=settings.emit_endpoint_scores)
@@ -145,6 +147,8 @@ class App:
             await service.start(self.pool)
             self.metrics.registry.register(KVEventsCollector(
                 service.event_stats, service.index.__len__))
+            self.metrics.registry.register(KVIndexCollector(service.index,
+                                                            service.feedback.counts))
         self.metrics.registry.register(PoolCollector(
             self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
 

@@ -110,6 +110,12 @@ class KVEventsManager:
             return {**self._central_stats, UNMATCHED: self._unmatched}
         return {name: sub.stats for name, sub in self.subscribers.items()}
 
+    def request_resync(self, name: str) -> bool:
+        """Ask an endpoint's event stream for a full replay (see
+        :meth:`EventStream.request_resync`); False when it has none or refuses."""
+        sub = self.subscribers.get(name)
+        return sub.stream.request_resync() if sub is not None else False
+
     def tracked_endpoints(self) -> set[str]:
         """Every endpoint name this manager holds any state for."""
         return (set(self._specs) | set(self.subscribers) | set(self._central_stats)

@@ -3,6 +3,7 @@ P/D decider, metrics and the accuracy check."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from epp.kvcache.index import EndpointMatch
@@ -26,24 +27,37 @@ class PrefixMatch:
     block_size: int
     total_blocks: int
     matches: dict[str, EndpointMatch] = field(default_factory=dict)
-    keys: tuple[int, ...] = ()  # the request's block keys (kept by approximate matches)
+    # The request's block keys (approximate: to record routing; precise: pending picks and
+    # corrections of the index).
+    keys: Sequence[int] = ()
 
     def of(self, endpoint: str) -> EndpointMatch:
         """The match of one endpoint (empty when unknown)."""
         return self.matches.get(endpoint, _NO_MATCH)
 
     def cached_tokens(self, endpoint: str) -> int:
-        """Prompt tokens the endpoint should not need to prefill."""
-        return min(self.of(endpoint).blocks * self.block_size, self.prompt_tokens)
+        """Prompt tokens the endpoint should not need to prefill: what it holds, and what
+        requests routed there before this one will have stored (pending blocks)."""
+        return min(self.of(endpoint).expected_blocks * self.block_size, self.prompt_tokens)
 
     def uncached_tokens(self, endpoint: str) -> int:
         """Prompt tokens the endpoint would have to prefill."""
         return self.prompt_tokens - self.cached_tokens(endpoint)
 
+    def _engine_limit(self) -> int:
+        # Whole blocks, and never the whole prompt (the last token is always recomputed
+        # to produce logits).
+        return (self.prompt_tokens - 1) // self.block_size * self.block_size
+
     def predicted_engine_cached(self, endpoint: str) -> int:
-        """What vLLM should report as ``cached_tokens``: whole blocks, and never the
-        whole prompt (the last token is always recomputed to produce logits)."""
+        """What vLLM should report as ``cached_tokens`` from what the engine confirmed
+        holding (pending blocks never count)."""
         if self.prompt_tokens == 0:
             return 0
-        limit = (self.prompt_tokens - 1) // self.block_size * self.block_size
-        return min(self.of(endpoint).blocks * self.block_size, limit)
+        return min(self.of(endpoint).blocks * self.block_size, self._engine_limit())
+
+    def expected_engine_cached(self, endpoint: str) -> int:
+        """The same, if every pending block the endpoint was credited gets stored first."""
+        if self.prompt_tokens == 0:
+            return 0
+        return min(self.of(endpoint).expected_blocks * self.block_size, self._engine_limit())

@@ -64,7 +64,7 @@ class PreciseProducer:
             log.warning("routing without prefix data: %s", exc)
             return None
         matches = self.index.match(keys, [e.name for e in candidates])
-        return PrefixMatch(True, len(tokens), bs, len(keys), matches)
+        return PrefixMatch(True, len(tokens), bs, len(keys), matches, keys=keys)
 
 
 def approximate_text(request: LLMRequest) -> str:

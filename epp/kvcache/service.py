@@ -12,6 +12,7 @@ from typing import Any
 
 from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
+from epp.kvcache.feedback import IndexFeedback
 from epp.kvcache.index import DEFAULT_CAPACITY_BLOCKS, BlockIndex
 from epp.kvcache.producer import PreciseProducer
 from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, KVCacheSettings
@@ -55,6 +56,12 @@ class KVCacheService:
         self._resizer: asyncio.Task[None] | None = None
         self.producer = PreciseProducer(self.index, self, block_size=self._block_size,
                                         max_blocks=settings.max_prefix_blocks)
+        # Request hooks: pending picks, and corrections from the engines' cached_tokens.
+        self.feedback = IndexFeedback(self.index, pending=settings.pending_picks,
+                                      resync=self._request_resync)
+
+    def _request_resync(self, endpoint: str) -> bool:
+        return self.manager.request_resync(endpoint) if self.manager is not None else False
 
     async def tokens(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> list[int]:
         """The producer's tokenizer: whichever mode is configured, once loaded."""

@@ -29,3 +29,5 @@ class KVCacheSettings:
     replay_port_offset: int | None = 1  # None: no replay socket
     kv_events_bind: str | None = None  # central mode: the EPP binds, engines connect
     topic_filter: bool = True
+    # Routing decisions enter the index as pending blocks until the engine confirms them.
+    pending_picks: bool = True

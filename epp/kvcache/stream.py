@@ -178,6 +178,17 @@ class EventStream:
             stats.resyncs += 1
             await self._replay(0, until=self._next_expected(), reapply=True)
 
+    def request_resync(self) -> bool:
+        """Something outside the stream (a response showing blocks the index never heard
+        of) suggests a lost batch: replay the engine's buffer from 0 at the next live
+        message. Refused (False) within ``resync_interval`` of the last resync, when the
+        engine's buffer is known to have wrapped, or without a replay socket."""
+        if (self._fetch is None or self._history_lost or self._resync_due
+                or time.monotonic() - self._last_resync < self._settings.resync_interval):
+            return False
+        self._resync_due = True
+        return True
+
     async def _fill_gap(self, seq: int) -> None:
         """Replay up to ``seq``, starting at the last applied batch to check that the
         engine's history is still the one we applied."""

@@ -123,3 +123,56 @@ class KVEventsCollector(Collector):
         yield failures
         yield GaugeMetricFamily("epp_kv_index_blocks", "Distinct blocks in the KV index.",
                                 value=self._blocks())
+
+
+class _IndexState(Protocol):
+    pending_entries: int
+    pending_added: int
+    pending_confirmed: int
+    pending_expired: int
+    pending_dropped: int
+    corrected_blocks: int
+
+
+class _FeedbackCounts(Protocol):
+    evicted_corrections: int
+    lost_store_signals: int
+    resyncs_requested: int
+
+
+class KVIndexCollector(Collector):
+    """The block index's pending tier and the corrections responses made to it."""
+
+    def __init__(self, index: _IndexState, feedback: _FeedbackCounts) -> None:
+        self._index = index
+        self._feedback = feedback
+
+    def collect(self) -> Iterator[Metric]:
+        index, fb = self._index, self._feedback
+        yield GaugeMetricFamily(
+            "epp_kv_index_pending_blocks", "(block, endpoint) entries routed but not yet "
+            "confirmed by the engine's events.", value=index.pending_entries)
+        pending = CounterMetricFamily(
+            "epp_kv_index_pending", "Pending (block, endpoint) entries by what became of "
+            "them: added at routing, confirmed by the engine, expired, dropped (request "
+            "failed, block removed or cleared, bound reached).", labels=["outcome"])
+        for outcome, value in (("added", index.pending_added),
+                               ("confirmed", index.pending_confirmed),
+                               ("expired", index.pending_expired),
+                               ("dropped", index.pending_dropped)):
+            pending.add_metric([outcome], value)
+        yield pending
+        yield CounterMetricFamily(
+            "epp_kv_index_corrected_blocks", "Blocks dropped from an endpoint because its "
+            "reported cached tokens showed it no longer held them.",
+            value=index.corrected_blocks)
+        corrections = CounterMetricFamily(
+            "epp_kv_index_corrections", "Responses that corrected the index: evicted "
+            "(the engine held less than credited: keys dropped), lost_store (it held more "
+            "than the events and pending picks explain).", labels=["kind"])
+        corrections.add_metric(["evicted"], fb.evicted_corrections)
+        corrections.add_metric(["lost_store"], fb.lost_store_signals)
+        yield corrections
+        yield CounterMetricFamily(
+            "epp_kv_index_resyncs_requested", "Event replays requested because a response "
+            "showed blocks the index never heard of.", value=fb.resyncs_requested)

@@ -85,13 +85,24 @@ class EppMetrics:
             ("source",), buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
         self.index_accuracy = Histogram(
             "epp_kv_index_prediction_error_tokens",
-            "Engine-reported cached tokens minus the cached tokens the index predicted "
-            "(0 = exact; negative = the index thought more was cached).",
+            "Engine-reported cached tokens minus the nearest value the index predicted: "
+            "between what the engine confirmed holding and that plus the blocks pending "
+            "from requests routed before (0 = within; negative = the index thought more "
+            "was cached).",
             buckets=_ERROR_BUCKETS, registry=r)
         self.index_mispredictions = Counter(
             "epp_kv_index_mispredictions",
             "Responses whose cached tokens differ from the prediction by a block or more.",
             ("direction",), registry=r)
+        self.index_predictions = Counter(
+            "epp_kv_index_predictions",
+            "Responses checked against the index's prediction, by outcome: exact (within a "
+            "block of what the engine confirmed), pending (above it, as the pending picks "
+            "of earlier requests predicted), over, under.", ("outcome",), registry=r)
+        self.index_prediction_accuracy = Gauge(
+            "epp_kv_index_prediction_accuracy",
+            "Share of the last 1,000 checked responses the index predicted within a block "
+            "(exact or pending outcome); alert when it falls.", registry=r)
         self.pd_decisions = Counter(
             "epp_pd_decision",
             "Prefill/decode disaggregation decisions, by type (decode-only, prefill-decode).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from epp.api.usage import Usage, UsageParser
 from epp.datastore import Endpoint, parse_address
 from epp.datastore.model_rewrites import ModelRewrites
 from epp.errors import NoEndpointsError, RequestError, UnschedulableError
+from epp.kvcache.feedback import SERVED_ENDPOINT_KEY
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.supervise import LogLimiter
 from epp.observability.logsetup import bind_request_id
@@ -62,6 +64,31 @@ TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
 PREFIX_DEADLINE_S = 0.1
 # Cycle-state key of the reason a request was routed without its precise prefix match.
 PREFIX_DEGRADED_KEY = "prefix-degraded"
+
+
+# Responses the exported prediction accuracy is computed over.
+ACCURACY_WINDOW = 1000
+
+
+class RollingShare:
+    """The share of True among the last ``size`` outcomes, in O(1) per outcome."""
+
+    __slots__ = ("_window", "_true")
+
+    def __init__(self, size: int) -> None:
+        self._window: deque[bool] = deque(maxlen=size)
+        self._true = 0
+
+    def record(self, ok: bool) -> None:
+        window = self._window
+        if len(window) == window.maxlen and window[0]:
+            self._true -= 1
+        window.append(ok)
+        self._true += ok
+
+    @property
+    def ratio(self) -> float:
+        return self._true / len(self._window) if self._window else 1.0
 
 
 class EndpointSource(Protocol):
@@ -230,6 +257,7 @@ class Director:
         self._response_complete = list(response_complete)
         self._e2e = metrics.scheduler_e2e
         self._log_limit = LogLimiter(log)
+        self._accuracy = RollingShare(ACCURACY_WINDOW)
         # Spans of the request path; the runner sets a live tracer with --tracing.
         self.tracer: Tracing = NO_TRACING
 
@@ -492,6 +520,7 @@ class Director:
                 self._check_prediction(handle)
         if not handle.counted:
             self._metrics.model(model).requests.inc()
+        handle.ctx.cycle[SERVED_ENDPOINT_KEY] = served.name if served is not None else None
         for hook in self._response_complete:
             try:
                 hook.response_complete(handle.ctx, handle.result, status, handle.usage)
@@ -521,12 +550,26 @@ class Director:
         if any(r.endpoints for name, r in handle.result.profiles.items()
                if name != handle.result.primary):
             return  # disaggregated: the decode pod also counts the KV it received
-        predicted = match.predicted_engine_cached(served.name)
-        diff = usage.cached_tokens - predicted
+        confirmed = match.predicted_engine_cached(served.name)
+        expected = match.expected_engine_cached(served.name)
+        engine = usage.cached_tokens
+        # Distance to the predicted range [confirmed, expected]: pending blocks never
+        # count as held, but an engine that holds them is what they predicted.
+        diff = engine - min(max(engine, confirmed), expected)
         self._metrics.index_accuracy.observe(diff)
-        if abs(diff) >= match.block_size:
-            self._metrics.index_mispredictions.labels(
-                "over" if diff < 0 else "under").inc()
+        if diff <= -match.block_size:
+            outcome = "over"
+        elif diff >= match.block_size:
+            outcome = "under"
+        elif engine - confirmed >= match.block_size:
+            outcome = "pending"
+        else:
+            outcome = "exact"
+        self._metrics.index_predictions.labels(outcome).inc()
+        if outcome in ("over", "under"):
+            self._metrics.index_mispredictions.labels(outcome).inc()
+        self._accuracy.record(outcome not in ("over", "under"))
+        self._metrics.index_prediction_accuracy.set(self._accuracy.ratio)
 
     def on_rejected(self, headers: Mapping[str, str], error: RequestError) -> None:
         """A request was refused before routing; count it."""

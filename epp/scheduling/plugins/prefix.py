@@ -60,6 +60,9 @@ class PreciseParams(PluginParams):
     index_capacity_blocks: int | None = None
     tokenizer: TokenizerParams = TokenizerParams()
     kv_events: KVEventsParams = KVEventsParams()
+    # A routed request's blocks count as held by its endpoint (pending) until the engine
+    # confirms them, so requests sharing its prefix follow it meanwhile.
+    pending_picks: bool = True
 
 
 class PrecisePrefixCacheScorer:
@@ -91,7 +94,7 @@ class PrecisePrefixCacheScorer:
             capacity_blocks=p.index_capacity_blocks, tokenizer_mode=p.tokenizer.mode,
             tokenizer=p.tokenizer.source, kv_events_port=p.kv_events.port,
             replay_port_offset=p.kv_events.replay_port_offset, kv_events_bind=p.kv_events.bind,
-            topic_filter=p.kv_events.topic_filter)
+            topic_filter=p.kv_events.topic_filter, pending_picks=p.pending_picks)
         return cls(name, settings)
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
