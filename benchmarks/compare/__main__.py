@@ -2,17 +2,19 @@
 
     .venv/bin/python -m benchmarks.compare                 # the short run (make bench)
     .venv/bin/python -m benchmarks.compare --plan full     # the rate sweep (make bench-full)
-    .venv/bin/python -m benchmarks.compare --routers "epp precise" oracle --duration 20
+    .venv/bin/python -m benchmarks.compare --routers "epp default" oracle --duration 20
+    .venv/bin/python -m benchmarks.compare --epp-config sticky=my-config.yaml --replicas 1 2
 
-Writes ``benchmarks/results/compare-<date>[-full]/``: ``README.md`` (the tables and the
-goals), ``cells.json`` (every figure), PNG plots (drawn with the peers' venv matplotlib)
-and ``raw/`` (every request; not committed). Progress goes to stderr.
+The headline row is ``epp default``: the EPP with no config file and KV events in its
+endpoints file, the built-in default a new user gets. Writes
+``benchmarks/results/compare-<date>[-full]/``: ``README.md`` (the tables and the goals),
+``cells.json`` (every figure), ``configs/`` (the EndpointPickerConfig each EPP row ran),
+PNG plots (drawn with the peers' venv matplotlib) and ``raw/`` (every request; not
+committed). Progress goes to stderr.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import datetime as dt
 import json
 import signal
@@ -22,9 +24,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.compare.plan import PLANS
+from benchmarks.compare.options import parse_args
 from benchmarks.compare.report import render_report
-from benchmarks.compare.routers import all_routers, peers_python, select
+from benchmarks.compare.routers import EppRouter, peers_python, slug
 from benchmarks.compare.run import run_plan
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
@@ -35,54 +37,37 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", choices=sorted(PLANS), default="short")
-    p.add_argument("--routers", nargs="*", default=None, metavar="NAME",
-                   help="only routers whose name contains one of these")
-    p.add_argument("--workloads", nargs="*", default=None, metavar="NAME",
-                   help="only these workloads (shared-prefix, multi-turn, no-sharing)")
-    p.add_argument("--rates", type=float, nargs="*", default=None,
-                   help="request rates for every selected workload (default: the plan's)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="fleet seconds of arrivals per cell (default: the plan's)")
-    p.add_argument("--time-scale", type=float, default=None, help="default: the plan's")
-    p.add_argument("--output", type=Path, default=None,
-                   help="results directory (default benchmarks/results/compare-<date>)")
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
+    options = parse_args(argv, description=__doc__.split("\n\n")[0])
     signal.signal(signal.SIGTERM, _interrupt)
-    plan = PLANS[args.plan]
-    if args.duration is not None:
-        plan = dataclasses.replace(plan, duration_s=args.duration, workloads=tuple(
-            dataclasses.replace(w, duration_s=None) for w in plan.workloads))
-    if args.workloads:
-        unknown = set(args.workloads) - {w.spec.name for w in plan.workloads}
-        if unknown:
-            p.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
-        plan = dataclasses.replace(plan, workloads=tuple(
-            w for w in plan.workloads if w.spec.name in args.workloads))
-    if args.rates:
-        plan = dataclasses.replace(plan, workloads=tuple(
-            dataclasses.replace(w, rates=tuple(args.rates), main=max(args.rates))
-            for w in plan.workloads))
-    if args.time_scale is not None:
-        plan = dataclasses.replace(plan, time_scale=args.time_scale)
-    routers = select(all_routers(variants=plan.variants), args.routers)
+    plan, routers = options.plan, list(options.routers)
     today = dt.date.today().isoformat()
-    out = args.output or RESULTS_DIR / f"compare-{today}{'' if plan.name == 'short' else '-' + plan.name}"
+    out = options.output or RESULTS_DIR / (
+        f"compare-{today}{'' if plan.name == 'short' else '-' + plan.name}")
     out.mkdir(parents=True, exist_ok=True)
+    _write_configs(routers, out / "configs")
     with tempfile.TemporaryDirectory(prefix="epp-bench-compare-") as tmp:
         results = run_plan(plan, routers, Path(tmp), out / "raw")
     (out / "cells.json").write_text(json.dumps(results.to_json(), indent=1), encoding="utf-8")
     plots: list[str] = []
-    if not args.no_plots:
+    if options.plots:
         plots = _plots(out)
     report = render_report(results, routers, today, plots)
     (out / "README.md").write_text(report, encoding="utf-8")
     print(report)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _write_configs(routers: Sequence[object], directory: Path) -> None:
+    """The EndpointPickerConfig every EPP router runs, one file per configuration (the
+    built-in ones included, as the EPP compiles them), so a results directory says
+    exactly what each row ran."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for router in routers:
+        if isinstance(router, EppRouter):
+            header = f"# {router.base_name}: {router.config_label}\n"
+            (directory / f"{slug(router.base_name)}.yaml").write_text(
+                header + router.effective_config(), encoding="utf-8")
 
 
 def _plots(out: Path) -> list[str]:

@@ -45,7 +45,7 @@ class Plan:
     seed: int = SEED
     # Routers that also get the shared-prefix workload (headline rate) from inference-perf.
     inference_perf_routers: tuple[str, ...] = field(default=())
-    variants: bool = False  # also run tuning probes of our profiles
+    variants: bool = False  # also run the extra profiles (routers.variant_names)
 
 
 SHARED = SharedPrefix()
@@ -66,7 +66,7 @@ SHORT = Plan(
         WorkloadRun(MULTI, (3.0,), 3.0),
         WorkloadRun(CONTROL, (2.0,), 2.0, duration_s=90.0),
     ),
-    inference_perf_routers=("epp precise", "envoy round-robin"),
+    inference_perf_routers=("epp default", "envoy round-robin"),
 )
 FULL = Plan(
     name="full",
@@ -76,7 +76,7 @@ FULL = Plan(
         WorkloadRun(MULTI, (2.0, 3.0, 4.0), 3.0),
         WorkloadRun(CONTROL, (1.0, 2.0, 3.0), 2.0),
     ),
-    inference_perf_routers=("epp precise", "epp approximate", "envoy round-robin",
+    inference_perf_routers=("epp default", "epp approximate", "envoy round-robin",
                             "vllm-router cache_aware", "sglang-router cache_aware"),
     variants=True,
 )

@@ -25,12 +25,12 @@ import matplotlib.pyplot as plt
 STYLES = {"ours": "-", "baseline": "--", "peer": "-.", "oracle": ":"}
 
 
-def _style(router: str, kind: str, palette: dict[str, Any]) -> dict[str, Any]:
+def _style(router: str, kind: str, palette: dict[str, Any], headline: str) -> dict[str, Any]:
     if router not in palette:
         palette[router] = f"C{len(palette) % 10}"
     color = "black" if kind == "oracle" else palette[router]
     return {"linestyle": STYLES.get(kind, "-"), "color": color,
-            "linewidth": 2.2 if router == "epp precise" else 1.4}
+            "linewidth": 2.2 if router == headline else 1.4}
 
 
 def ttft_cdf(data: dict[str, Any], out: Path, palette: dict[str, Any]) -> Path:
@@ -49,7 +49,7 @@ def ttft_cdf(data: dict[str, Any], out: Path, palette: dict[str, Any]) -> Path:
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
             ax.step(values, ys, where="post", label=cell["router"],
-                    **_style(cell["router"], cell["kind"], palette))
+                    **_style(cell["router"], cell["kind"], palette, _headline(data)))
         ax.set_xscale("log")
         ax.set_xlabel("TTFT (fleet seconds, log)")
         ax.set_ylabel("fraction of requests")
@@ -79,7 +79,7 @@ def versus_rate(data: dict[str, Any], workload: str, out: Path,
         for router in routers:
             mine = sorted((c for c in cells if c["router"] == router), key=lambda c: c["rate"])
             ax.plot([c["rate"] for c in mine], [value(c) for c in mine], marker="o",
-                    label=router, **_style(router, mine[0]["kind"], palette))
+                    label=router, **_style(router, mine[0]["kind"], palette, _headline(data)))
         ax.set_xlabel("request rate (req/s, fleet)")
         ax.set_title(label)
         if log:
@@ -92,6 +92,11 @@ def versus_rate(data: dict[str, Any], workload: str, out: Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _headline(data: dict[str, Any]) -> str:
+    """The row drawn thicker: the report's headline (``epp default``)."""
+    return str(data.get("headline") or "epp default")
 
 
 def _main_rates(data: dict[str, Any]) -> dict[str, float]:

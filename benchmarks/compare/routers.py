@@ -1,7 +1,10 @@
 """Launchers for every router the comparison runs, all in front of the same fleet.
 
-- ours: Envoy (``deploy/envoy/envoy.yaml``, ext_proc) + the EPP with one of four
-  scheduling configurations (precise, approximate, load-only, random);
+- ours: Envoy (``deploy/envoy/envoy.yaml``, ext_proc) + the EPP: the built-in default
+  with KV events (the headline, "epp default"), the built-in default without them
+  (approximate), load-only, random, any config file given on the command line
+  (``epp NAME``) and, in the full plan, ``deploy/local/epp-config.yaml`` (precise with a
+  local tokenizer); each can run as N replicas behind one Envoy ("epp default ×2");
 - Envoy round-robin (no picker);
 - ``vllm-router`` (``round_robin``, ``cache_aware``, ``kv_aware`` fed by the pods' KV
   events) and ``sglang-router`` (``cache_aware``), from the peers' venv;
@@ -13,16 +16,19 @@ and stops them. Peers run with their defaults except where noted in ``PEER_NOTES
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from benchmarks.compare.fleet import MODEL, Fleet
+from epp.config.picker_config import DEFAULT_CONFIG, DEFAULT_PRECISE_CONFIG
 from epp.devtools import envoy as envoy_cfg
 from epp.devtools.procs import (
     REPO_ROOT,
@@ -34,6 +40,7 @@ from epp.devtools.procs import (
 
 PEERS_VENV = REPO_ROOT / ".venv-peers"
 EPP_PRECISE_CONFIG = REPO_ROOT / "deploy" / "local" / "epp-config.yaml"
+HEADLINE = "epp default"
 # Queue and KV-utilisation scorers only: the load-balancing half of the default profile.
 LOAD_ONLY_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -61,7 +68,10 @@ schedulingProfiles:
   plugins:
   - {pluginRef: random-picker}
 """
-EPP_ARGS = ("--log-level", "WARNING", "--seed", "1")
+EPP_ARGS = ("--log-level", "WARNING")
+# Replica i runs with seed EPP_SEED + i: replicas break ties independently, as separate
+# pods of a Deployment would.
+EPP_SEED = 1
 # The EPP's metrics timing (defaults: scrape every 0.1 s, stale after 0.5 s) runs on the
 # fleet's clock, so it is divided by the time scale like the pods' timings; otherwise a
 # 10x-faster fleet would look 10x staler to it than a real one. The peers keep their
@@ -88,6 +98,11 @@ class Router:
     processes: list[Process] = field(default_factory=list)
     url: str | None = None
 
+    @property
+    def config_label(self) -> str:
+        """Which configuration this row ran, for the tables ("—": not an EPP)."""
+        return "—"
+
     def start(self, fleet: Fleet, work_dir: Path) -> None:
         raise NotImplementedError
 
@@ -113,10 +128,43 @@ class Router:
 
 @dataclass
 class EppRouter(Router):
-    """Envoy with ext_proc + our EPP with one scheduling configuration."""
+    """Envoy with ext_proc + ``replicas`` EPP processes with one scheduling configuration
+    (Envoy round-robins the ext_proc streams over the replicas; every replica subscribes
+    to every pod's KV events)."""
 
-    config_text: str | None = None  # None: the built-in default (approximate without events)
+    config_text: str | None = None  # None (and no file): the built-in default
     config_file: Path | None = None
+    config_source: str = ""  # how the tables name the config
+    replicas: int = 1
+    base_name: str = ""  # the name without the replica count
+
+    def __post_init__(self) -> None:
+        if not self.base_name:
+            self.base_name = self.name
+
+    @property
+    def config_label(self) -> str:
+        return self.config_source
+
+    def effective_config(self) -> str:
+        """The EndpointPickerConfig YAML this router's EPP runs (the built-in text when
+        it is given none), for the results directory."""
+        if self.config_file is not None:
+            return self.config_file.read_text(encoding="utf-8")
+        if self.config_text is not None:
+            return self.config_text
+        return DEFAULT_PRECISE_CONFIG if self.uses_kv_events else DEFAULT_CONFIG
+
+    def with_replicas(self, count: int) -> EppRouter:
+        """This router as ``count`` replicas, named with the count when it is not 1."""
+        if count < 1:
+            raise ValueError(f"replicas must be ≥ 1, not {count}")
+        name = self.base_name if count == 1 else f"{self.base_name} ×{count}"
+        description = self.description if count == 1 else (
+            f"{self.description}; {count} EPP replicas behind one Envoy (round-robin per "
+            "request), each subscribed to every pod's KV events")
+        return dataclasses.replace(self, name=name, description=description, replicas=count,
+                                   processes=[], url=None)
 
     def start(self, fleet: Fleet, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -135,18 +183,22 @@ class EppRouter(Router):
             path = work_dir / "epp-config.yaml"
             path.write_text(self.config_text, encoding="utf-8")
             config = ["--config-file", str(path)]
-        grpc, health, metrics = free_port(), free_port(), free_port()
-        epp = Process("epp", python_module(
-            "epp", "--endpoints-file", str(endpoints), "--bind-address", "127.0.0.1",
-            "--grpc-port", str(grpc), "--grpc-health-port", str(health),
-            "--metrics-port", str(metrics), *config, *EPP_ARGS,
-            "--metrics-scrape-interval", f"{EPP_SCRAPE_INTERVAL_S / fleet.time_scale:g}",
-            "--metrics-staleness-threshold", f"{EPP_STALE_AFTER_S / fleet.time_scale:g}"),
-            work_dir)
-        self.processes.append(epp)
-        epp.wait_for_http(f"http://127.0.0.1:{metrics}/metrics", timeout=START_TIMEOUT_S)
+        grpc_ports: list[int] = []
+        for replica in range(self.replicas):
+            grpc, health, metrics = free_port(), free_port(), free_port()
+            epp = Process(f"epp-{replica}", python_module(
+                "epp", "--endpoints-file", str(endpoints), "--bind-address", "127.0.0.1",
+                "--grpc-port", str(grpc), "--grpc-health-port", str(health),
+                "--metrics-port", str(metrics), *config, *EPP_ARGS,
+                "--seed", str(EPP_SEED + replica),
+                "--metrics-scrape-interval", f"{EPP_SCRAPE_INTERVAL_S / fleet.time_scale:g}",
+                "--metrics-staleness-threshold", f"{EPP_STALE_AFTER_S / fleet.time_scale:g}"),
+                work_dir)
+            self.processes.append(epp)
+            grpc_ports.append(grpc)
+            epp.wait_for_http(f"http://127.0.0.1:{metrics}/metrics", timeout=START_TIMEOUT_S)
         listen, admin = free_port(), free_port()
-        envoy_path = envoy_cfg.write_config(envoy_cfg.epp_config(listen, grpc, admin),
+        envoy_path = envoy_cfg.write_config(envoy_cfg.epp_config(listen, grpc_ports, admin),
                                             work_dir / "envoy.yaml")
         self.processes.append(_envoy(envoy_path, work_dir))
         wait_for_http(f"http://127.0.0.1:{admin}/ready", expect=b"LIVE")
@@ -257,35 +309,101 @@ def _envoy(config: Path, work_dir: Path) -> Process:
         "--concurrency", "1", "--log-level", "warn"], work_dir)
 
 
-def precise_with_prefix_weight(weight: int) -> EppRouter:
-    """The precise profile with another prefix weight (a tuning probe, not a default)."""
-    text = EPP_PRECISE_CONFIG.read_text(encoding="utf-8")
-    old = "{pluginRef: precise-prefix-cache-scorer, weight: 6}"
-    if old not in text:
-        raise ValueError(f"{EPP_PRECISE_CONFIG} changed: no {old!r} to reweight")
+def describe_config(text: str) -> str:
+    """One line naming what an EndpointPickerConfig schedules with: each profile's plugins
+    with their weights and short parameters, e.g. ``queue-scorer ×2 + ... →
+    max-score-picker``. Raises ValueError when the text is no such config."""
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schedulingProfiles"), list):
+        raise ValueError("no schedulingProfiles list")
+    plugins: dict[str, dict[str, Any]] = {}
+    for plugin in spec.get("plugins") or []:
+        if isinstance(plugin, dict) and "type" in plugin:
+            plugins[str(plugin.get("name") or plugin["type"])] = plugin
+    profiles = []
+    for profile in spec["schedulingProfiles"]:
+        parts = []
+        for ref in (profile or {}).get("plugins") or []:
+            name = str(ref.get("pluginRef", "?"))
+            plugin = plugins.get(name, {})
+            label = str(plugin.get("type", name))
+            if name != label:
+                label = f"{name} ({label})"
+            params = plugin.get("parameters")
+            if params:
+                flat = yaml.safe_dump(params, default_flow_style=True, width=10_000).strip()
+                label += f" {flat if len(flat) <= 60 else flat[:57] + '...'}"
+            if ref.get("weight") is not None:
+                label += f" ×{ref['weight']:g}"
+            parts.append(label)
+        profiles.append(f"{profile.get('name', '?')}: {' + '.join(parts)}")
+    return "; ".join(profiles)
+
+
+def default_with_prefix_weight(weight: int) -> EppRouter:
+    """The built-in precise default with another prefix weight (a tuning probe, not a
+    default)."""
+    spec = yaml.safe_load(DEFAULT_PRECISE_CONFIG)
+    refs = [ref for profile in spec["schedulingProfiles"] for ref in profile["plugins"]
+            if ref["pluginRef"] == "precise-prefix-cache-scorer"]
+    if not refs:
+        raise ValueError("the built-in precise default has no precise-prefix-cache-scorer")
+    old = refs[0].get("weight")
+    for ref in refs:
+        ref["weight"] = weight
     return EppRouter(
-        f"epp precise prefix x{weight}", "ours",
-        f"as epp precise with the prefix scorer weighted {weight} instead of 6 (a tuning "
+        f"{HEADLINE} prefix x{weight}", "ours",
+        f"as {HEADLINE} with the prefix scorer weighted {weight} instead of {old} (a tuning "
         "probe, not a shipped profile)", uses_kv_events=True,
-        config_text=text.replace(old, old.replace("weight: 6", f"weight: {weight}")))
+        config_text=yaml.safe_dump(spec, sort_keys=False),
+        config_source=f"built-in precise default, prefix ×{weight}")
 
 
-def all_routers(variants: bool = False) -> list[Router]:
-    """Every router of the comparison, in run order (ours first, the oracle last);
-    ``variants`` adds tuning probes of our profiles."""
-    extra: list[Router] = [precise_with_prefix_weight(3)] if variants else []
+def config_router(name: str, path: Path) -> EppRouter:
+    """``epp NAME``: the EPP running the config file ``path``, with KV events."""
+    text = path.read_text(encoding="utf-8")
+    return EppRouter(f"epp {name}", "ours",
+                     f"Envoy + EPP, --config-file {display_path(path)} (KV events in the "
+                     f"endpoints file): {describe_config(text)}",
+                     uses_kv_events=True, config_file=path.resolve(),
+                     config_source=display_path(path))
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else its file name (results
+    are shared, the machine's layout is not)."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path.name
+
+
+def all_routers(variants: bool = False,
+                configs: Sequence[tuple[str, Path]] = ()) -> list[Router]:
+    """Every router of the comparison, in run order (the headline first, the oracle
+    last). ``configs`` adds ``epp NAME`` routers (config files, after the headline);
+    ``variants`` adds the full plan's extra profiles (see :func:`variant_names`)."""
+    extra: list[Router] = [default_with_prefix_weight(3), _precise_local()] if variants else []
     return [
-        EppRouter("epp precise", "ours",
-                  "Envoy + EPP, deploy/local/epp-config.yaml: precise prefix (KV events, "
-                  "local Qwen tokenizer) x6 + queue x2 + KV utilisation x2",
-                  uses_kv_events=True, config_file=EPP_PRECISE_CONFIG),
+        EppRouter(HEADLINE, "ours",
+                  "Envoy + EPP, no config file, kvEvents in the endpoints file: the "
+                  "built-in default a new user gets — "
+                  + describe_config(DEFAULT_PRECISE_CONFIG),
+                  uses_kv_events=True, config_source="built-in default (kvEvents)"),
+        *[config_router(name, path) for name, path in configs],
         *extra,
         EppRouter("epp approximate", "ours",
-                  "Envoy + EPP, built-in default without KV events: GIE's approximate "
-                  "prefix scorer x3 + queue x2 + KV utilisation x2"),
+                  "Envoy + EPP, no config file, no KV events: the built-in default falls "
+                  "back to GIE's approximate prefix scorer — " + describe_config(DEFAULT_CONFIG),
+                  config_source="built-in default (no kvEvents)"),
         EppRouter("epp load-only", "ours",
-                  "Envoy + EPP: queue x2 + KV utilisation x2", config_text=LOAD_ONLY_CONFIG),
-        EppRouter("epp random", "ours", "Envoy + EPP: random-picker", config_text=RANDOM_CONFIG),
+                  "Envoy + EPP: " + describe_config(LOAD_ONLY_CONFIG),
+                  config_text=LOAD_ONLY_CONFIG, config_source="inline: load-only"),
+        EppRouter("epp random", "ours", "Envoy + EPP: " + describe_config(RANDOM_CONFIG),
+                  config_text=RANDOM_CONFIG, config_source="inline: random"),
         EnvoyRoundRobin("envoy round-robin", "baseline", "Envoy ROUND_ROBIN cluster, no picker"),
         VllmRouter("vllm-router round_robin", "peer", "vllm-router --policy round_robin",
                    policy="round_robin"),
@@ -304,15 +422,59 @@ def all_routers(variants: bool = False) -> list[Router]:
     ]
 
 
-def select(routers: Sequence[Router], names: Sequence[str] | None) -> list[Router]:
-    """The routers whose names contain one of ``names`` (all when None)."""
-    if not names:
-        return list(routers)
-    chosen = [r for r in routers if any(n in r.name for n in names)]
+def _precise_local() -> EppRouter:
+    text = EPP_PRECISE_CONFIG.read_text(encoding="utf-8")
+    return EppRouter("epp precise", "ours",
+                     f"Envoy + EPP, --config-file {display_path(EPP_PRECISE_CONFIG)} (the "
+                     "local run's config, tokenizing in process with the sims' Qwen "
+                     f"vocabulary): {describe_config(text)}",
+                     uses_kv_events=True, config_file=EPP_PRECISE_CONFIG,
+                     config_source=display_path(EPP_PRECISE_CONFIG))
+
+
+def variant_names() -> list[str]:
+    """The routers only the full plan runs unless named exactly in ``--routers``."""
+    return [r.name for r in all_routers(variants=True) if r.name not in
+            {o.name for o in all_routers()}]
+
+
+def with_replicas(routers: Sequence[Router], counts: Sequence[int]) -> list[Router]:
+    """Every EPP router once per replica count (``epp default``, ``epp default ×2``, ...,
+    side by side); the others once."""
+    out: list[Router] = []
+    for router in routers:
+        if isinstance(router, EppRouter):
+            out += [router.with_replicas(n) for n in dict.fromkeys(counts)]
+        else:
+            out.append(router)
+    return out
+
+
+def select(routers: Sequence[Router], names: Sequence[str] | None,
+           exact_only: Sequence[str] = (), always: Sequence[str] = ()) -> list[Router]:
+    """The routers whose names contain one of ``names`` (all when None). Routers whose
+    base name is in ``exact_only`` are chosen only by their exact (base) name, those in
+    ``always`` whatever ``names`` says."""
+    def base(r: Router) -> str:
+        return r.base_name if isinstance(r, EppRouter) else r.name
+
+    def wanted(r: Router) -> bool:
+        if base(r) in always:
+            return True
+        if base(r) in exact_only:
+            return names is not None and any(n in (r.name, base(r)) for n in names)
+        return not names or any(n in r.name for n in names)
+
+    chosen = [r for r in routers if wanted(r)]
     if not chosen:
-        raise ValueError(f"no router matches {list(names)}; routers: "
+        raise ValueError(f"no router matches {list(names or [])}; routers: "
                          f"{', '.join(r.name for r in routers)}")
     return chosen
+
+
+def slug(name: str) -> str:
+    """A router name as a file name: ``epp default ×2`` → ``epp-default-x2``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("×", "x")).strip("-")
 
 
 def peers_python() -> str | None:

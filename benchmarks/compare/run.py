@@ -16,7 +16,7 @@ from benchmarks.compare.client import Sample, run_schedule
 from benchmarks.compare.fleet import Fleet, Oracle
 from benchmarks.compare.metrics import Cell, process_tree_cpu_s, summarize, ttft_values
 from benchmarks.compare.plan import Plan
-from benchmarks.compare.routers import OracleRouter, Router
+from benchmarks.compare.routers import HEADLINE, EppRouter, OracleRouter, Router, slug
 from benchmarks.workloads import (
     BenchRequest,
     PromptText,
@@ -41,6 +41,23 @@ class Schedule:
     kv_demand_tokens: int
 
 
+@dataclass(frozen=True)
+class RouterInfo:
+    """What the report needs to know of a router beyond its cells."""
+
+    base: str  # the name without the replica count
+    replicas: int  # EPP processes (0: not an EPP)
+    config: str  # which configuration it ran ("—": not an EPP)
+    kv_events: bool = False  # fed by the pods' KV events
+
+    @staticmethod
+    def of(router: Router) -> RouterInfo:
+        if isinstance(router, EppRouter):
+            return RouterInfo(router.base_name, router.replicas, router.config_label,
+                              router.uses_kv_events)
+        return RouterInfo(router.name, 0, router.config_label, router.uses_kv_events)
+
+
 @dataclass
 class Results:
     """Everything a run produced, for the report and the plots."""
@@ -55,11 +72,21 @@ class Results:
     inference_perf: list[inference_perf.InferencePerfCell] = field(default_factory=list)
     inference_perf_skipped: str | None = None
     notes: dict[str, str] = field(default_factory=dict)  # router -> what its logs showed
+    routers: dict[str, RouterInfo] = field(default_factory=dict)  # by name, in run order
     started: float = field(default_factory=time.time)
     wall_s: float = 0.0
 
+    def headline(self) -> str | None:
+        """The headline row: ``epp default`` with the fewest replicas among those that
+        ran (None: it did not run)."""
+        ran = {c.router for c in self.cells}
+        rows = [(info.replicas, name) for name, info in self.routers.items()
+                if info.base == HEADLINE and name in ran]
+        return min(rows)[1] if rows else None
+
     def to_json(self) -> dict[str, object]:
         return {
+            "headline": self.headline(),
             "plan": {"name": self.plan.name, "profile": self.plan.profile,
                      "pods": self.plan.pods, "time_scale": self.plan.time_scale,
                      "duration_s": self.plan.duration_s, "seed": self.plan.seed},
@@ -75,6 +102,7 @@ class Results:
             "inference_perf": [c.to_json() for c in self.inference_perf],
             "inference_perf_skipped": self.inference_perf_skipped,
             "notes": self.notes,
+            "routers": {name: info.__dict__ for name, info in self.routers.items()},
             "wall_s": self.wall_s,
         }
 
@@ -102,7 +130,8 @@ def run_plan(plan: Plan, routers: Sequence[Router], work_dir: Path, raw_dir: Pat
              f"reusable KV {s.kv_demand_tokens:,} tokens")
     profile = load_profile(plan.profile)
     fleet = Fleet(work_dir / "fleet", profile, plan.pods, plan.time_scale)
-    results = Results(plan, fleet.capacity_tokens * plan.pods, schedules)
+    results = Results(plan, fleet.capacity_tokens * plan.pods, schedules,
+                      routers={r.name: RouterInfo.of(r) for r in routers})
     raw_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     _say(f"starting {plan.pods} pods ({profile.name}, time scale {plan.time_scale:g}) ...")
@@ -125,7 +154,7 @@ def _run_router(router: Router, fleet: Fleet, schedules: Sequence[Schedule], res
                 work_dir: Path, raw_dir: Path) -> None:
     _say(f"{router.name}: starting ...")
     try:
-        router.start(fleet, work_dir / router.name.replace(" ", "-"))
+        router.start(fleet, work_dir / slug(router.name))
     except Exception as exc:  # noqa: BLE001 (a router that cannot start is reported)
         router.stop()
         reason = f"could not start: {type(exc).__name__}: {str(exc).strip()[-400:]}"
@@ -157,8 +186,8 @@ def _run_router(router: Router, fleet: Fleet, schedules: Sequence[Schedule], res
             results.cells.append(cell)
             results.ttft[key(router.name, schedule.workload, schedule.rate)] = ttft_values(
                 samples, fleet.time_scale)
-            _write_raw(raw_dir / f"{key(router.name, schedule.workload, schedule.rate)}.jsonl"
-                       .replace("|", "__").replace(" ", "_"), samples)
+            _write_raw(raw_dir / f"{slug(router.name)}__{schedule.workload}__"
+                       f"{schedule.rate:g}.jsonl", samples)
             _say(f"    TTFT p50/p90 {cell.ttft_s[0]:.2f}/{cell.ttft_s[1]:.2f} s, "
                  f"hit rate {cell.hit_rate:.0%}, failed {cell.failed}, "
                  f"path p50 {cell.path_ms[0]:.1f} ms, router CPU "
@@ -196,7 +225,7 @@ def _run_inference_perf(router: Router, fleet: Fleet, results: Results,
     _say(f"  {router.name} / inference-perf shared_prefix @ {run.main:g} ...")
     cell = inference_perf.run(router.name, router.url, spec, run.main, duration,
                               fleet.time_scale, work_dir / "inference-perf" /
-                              router.name.replace(" ", "-"), plan.seed)
+                              slug(router.name), plan.seed)
     fleet.wait_idle()
     results.inference_perf.append(cell)
     if cell.error:
