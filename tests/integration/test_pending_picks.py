@@ -1,0 +1,89 @@
+"""Pending picks through real Envoy: requests that share a new prefix and are in flight
+together (routed before the first one's KV events could arrive) follow the first pick
+instead of duplicating the prefix on every pod, and the engine's events confirm it."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from epp.devtools.stack import LocalStack, StackPorts
+from tests.integration.httputil import post, request
+from tests.integration.test_prefix_routing import system_prompt
+
+pytestmark = pytest.mark.integration
+
+SIBLINGS = 6
+
+
+def metrics(stack: LocalStack) -> dict[str, float]:
+    text = request(f"http://127.0.0.1:{stack.ports.epp_metrics}/metrics").body.decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module", params=["pending", "no-pending"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[str, LocalStack]]:
+    work: Path = tmp_path_factory.mktemp(f"pending-{request.param}")
+    epp_args = ["--kv-events"]  # the built-in default: precise prefix, render tokens
+    if request.param == "no-pending":
+        config = work / "no-pending.yaml"
+        config.write_text("""\
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters: {tokenizer: {mode: render}, pendingPicks: false}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: precise-prefix-cache-scorer, weight: 6}
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: max-score-picker}
+""", encoding="utf-8")
+        epp_args = ["--config-file", str(config)]
+    # A slow prefill (~1 s for the ~2,000-token prompt) keeps the first request's
+    # BlockStored events from arriving before its siblings are routed.
+    s = LocalStack(work, StackPorts.free(3, kv_events=True), envoy_concurrency=1,
+                   sim_args=["--tokenizer", "qwen", "--prefill-tokens-per-s", "2000"],
+                   epp_args=epp_args)
+    s.start()
+    yield request.param, s
+    s.stop()
+
+
+def ask(stack: LocalStack, i: int) -> str:
+    body = {"model": "qwen3", "max_tokens": 2, "messages": [
+        {"role": "system", "content": system_prompt(77)},
+        {"role": "user", "content": f"Sibling question {i}?"}]}
+    reply = post(stack.url + "/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+    return reply.headers["x-sim-endpoint"]
+
+
+def test_siblings_of_a_new_prefix_follow_the_first_pick(stack: tuple[str, LocalStack]) -> None:
+    mode, s = stack
+    with ThreadPoolExecutor(SIBLINGS) as pool:
+        pods = Counter(pool.map(lambda i: ask(s, i), range(SIBLINGS)))
+    time.sleep(0.5)  # the last events reach the EPP
+    m = metrics(s)
+    if mode == "pending":
+        assert len(pods) == 1, pods
+        assert m["epp_kv_index_pending_total{outcome=\"confirmed\"}"] > 0
+        assert m["epp_kv_index_prediction_accuracy"] == 1.0
+        assert m.get("epp_kv_index_mispredictions_total{direction=\"over\"}", 0) == 0
+    else:  # what the issue measured: the load scorers spread the siblings
+        assert len(pods) > 1, pods
+        assert m["epp_kv_index_pending_total{outcome=\"added\"}"] == 0
