@@ -17,8 +17,9 @@ within its prefill time, but the engine's ``BlockStored`` events come only then:
 request routed meanwhile (same prefix, in flight together) would see nothing. So the
 routing decision itself enters the request's keys for the chosen endpoint as *pending*
 (``_pending``: key -> GPU-bit mask, beside ``_holders``), with an expiry. A pending entry
-is confirmed (and dropped from the pending tier) by the engine's ``BlockStored`` for that
-key, dropped by its ``BlockRemoved``/``AllBlocksCleared``, by the request failing
+is confirmed (and leaves the pending tier) by the engine's ``BlockStored`` for that key
+(a later ``BlockRemoved`` then removes the stored block as any other); it is dropped by
+the endpoint's ``AllBlocksCleared``, by the request failing
 (:meth:`BlockIndex.drop_pending`) or at its expiry. Lookups report the prefix with
 pending blocks separately from the confirmed one, so pending blocks steer routing but
 never count as what the engine holds.
@@ -241,15 +242,11 @@ class BlockIndex:
         holders = self._holders
         by_engine = eb.by_engine_hash
         both = 0b11 << (2 * eb.slot)
-        pending = eb.pending
         for engine_hash in ev.block_hashes:
             key = by_engine.get(engine_hash)
             if key is None:
                 result.unknown_removed += 1
                 continue
-            if pending and key in pending:
-                self._unpend(eb, key)
-                self.pending_dropped += 1
             mask = holders.get(key, 0) & ~bit
             if mask:
                 holders[key] = mask
@@ -461,10 +458,12 @@ class BlockIndex:
                 _record(alive_any & ~present_any, i, end_any)
                 alive_any &= present_any
             if alive_exp:
-                present_exp = present_any | (pending.get(key, 0) & want_any)
-                if alive_exp & ~present_exp:
-                    _record(alive_exp & ~present_exp, i, end_exp)
-                    alive_exp &= present_exp
+                missing = alive_exp & ~present_any
+                if missing:  # only then can pending blocks matter
+                    missing &= ~pending.get(key, 0)
+                    if missing:
+                        _record(missing, i, end_exp)
+                        alive_exp &= ~missing
             if not alive_any and not alive_exp:
                 break
         if alive_any:

@@ -345,3 +345,74 @@ async def test_pending_hits_count_as_predicted_in_the_accuracy_metric() -> None:
     third.on_done(True)
     assert sample("epp_kv_index_mispredictions_total", {"direction": "under"}) == 1
     assert sample("epp_kv_index_prediction_accuracy") == pytest.approx(2 / 3)
+
+
+# -- property: the bitmask walk agrees with a plain model of the tiers -----------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ENDPOINTS = ("a", "b", "c")
+CHAINS = [list(range(base, base + 6 * BS)) for base in (100, 100_000)]
+
+op = st.one_of(
+    st.tuples(st.just("store"), st.sampled_from(ENDPOINTS), st.integers(0, 1),
+              st.integers(1, 6), st.booleans()),
+    st.tuples(st.just("remove"), st.sampled_from(ENDPOINTS), st.integers(0, 1),
+              st.integers(0, 5)),
+    st.tuples(st.just("pend"), st.sampled_from(ENDPOINTS), st.integers(0, 1),
+              st.integers(1, 6), st.floats(0.5, 5.0)),
+    st.tuples(st.just("clear"), st.sampled_from(ENDPOINTS)),
+    st.tuples(st.just("tick"), st.floats(0.0, 3.0)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=30))
+def test_matches_agree_with_a_plain_model(ops: list[tuple[Any, ...]]) -> None:
+    index, clock = index_with_clock()
+    keys = [request_keys(index, chain) for chain in CHAINS]
+    held: dict[str, set[int]] = {e: set() for e in ENDPOINTS}  # confirmed keys
+    pending: dict[str, dict[int, float]] = {e: {} for e in ENDPOINTS}
+    for o in ops:
+        kind = o[0]
+        if kind == "store":
+            _, e, c, n, cpu = o
+            # Engine hashes unique per (chain, block): 1000 * chain + block + 1.
+            hashes = [1000 * c + i + 1 for i in range(n)]
+            index.apply_batch(e, batch(stored(hashes, None, CHAINS[c][:n * BS],
+                                              medium="CPU" if cpu else None)))
+            for k in keys[c][:n]:
+                held[e].add(k)
+                pending[e].pop(k, None)
+        elif kind == "remove":
+            _, e, c, i = o
+            for medium in (None, "CPU"):
+                index.apply_batch(e, batch(BlockRemoved((1000 * c + i + 1,), medium=medium)))
+            if keys[c][i] in held[e]:
+                held[e].discard(keys[c][i])
+                pending[e].pop(keys[c][i], None)
+        elif kind == "pend":
+            _, e, c, n, ttl = o
+            index.add_pending(e, keys[c][:n], ttl)
+            for k in keys[c][:n]:
+                if k not in held[e]:
+                    pending[e][k] = clock.now + ttl
+        elif kind == "clear":
+            index.apply_batch(o[1], batch(AllBlocksCleared()))
+            held[o[1]].clear()
+            pending[o[1]].clear()
+        else:
+            clock.now += o[1]
+        for e in ENDPOINTS:
+            pending[e] = {k: t for k, t in pending[e].items() if t > clock.now}
+        for c in (0, 1):
+            got = index.match(keys[c], ENDPOINTS)
+            for e in ENDPOINTS:
+                confirmed = next((i for i, k in enumerate(keys[c]) if k not in held[e]),
+                                 len(keys[c]))
+                expected = next((i for i, k in enumerate(keys[c])
+                                 if k not in held[e] and k not in pending[e]), len(keys[c]))
+                assert got[e].blocks == confirmed, (o, e, c)
+                assert got[e].expected_blocks == expected, (o, e, c)
+    assert index.pending_entries == sum(len(p) for p in pending.values())
