@@ -20,6 +20,7 @@ import dataclasses
 import re
 import shutil
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,7 @@ class EppRouter(Router):
     config_source: str = ""  # how the tables name the config
     replicas: int = 1
     base_name: str = ""  # the name without the replica count
+    metrics_urls: list[str] = field(default_factory=list)  # one per running replica
 
     def __post_init__(self) -> None:
         if not self.base_name:
@@ -164,7 +166,7 @@ class EppRouter(Router):
             f"{self.description}; {count} EPP replicas behind one Envoy (round-robin per "
             "request), each subscribed to every pod's KV events")
         return dataclasses.replace(self, name=name, description=description, replicas=count,
-                                   processes=[], url=None)
+                                   processes=[], url=None, metrics_urls=[])
 
     def start(self, fleet: Fleet, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,8 @@ class EppRouter(Router):
                 work_dir)
             self.processes.append(epp)
             grpc_ports.append(grpc)
-            epp.wait_for_http(f"http://127.0.0.1:{metrics}/metrics", timeout=START_TIMEOUT_S)
+            self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
+            epp.wait_for_http(self.metrics_urls[-1], timeout=START_TIMEOUT_S)
         listen, admin = free_port(), free_port()
         envoy_path = envoy_cfg.write_config(envoy_cfg.epp_config(listen, grpc_ports, admin),
                                             work_dir / "envoy.yaml")
@@ -204,6 +207,35 @@ class EppRouter(Router):
         wait_for_http(f"http://127.0.0.1:{admin}/ready", expect=b"LIVE")
         self.url = f"http://127.0.0.1:{listen}"
         time.sleep(SUBSCRIBE_GRACE_S)
+
+    def stop(self) -> None:
+        super().stop()
+        self.metrics_urls = []
+
+    def diagnostics(self) -> str | None:
+        """With replicas: how many requests each one scheduled (its pick counter), which
+        shows Envoy spread the streams over all of them."""
+        if self.replicas < 2:
+            return None
+        counts = []
+        for url in self.metrics_urls:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    text = resp.read().decode()
+            except OSError as exc:
+                counts.append(f"? ({type(exc).__name__})")
+                continue
+            counts.append(f"{picks_counted(text):.0f}")
+        return f"requests scheduled per replica over the whole run: {' / '.join(counts)}"
+
+
+def picks_counted(metrics_text: str) -> float:
+    """The sum of an EPP's ``epp_endpoint_picks_total`` series (its primary picks)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("epp_endpoint_picks_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @dataclass
