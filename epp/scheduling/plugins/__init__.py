@@ -1,13 +1,19 @@
 """Built-in scheduling plugins (filters, scorers, pickers, profile handlers)."""
 
 from epp.scheduling.plugins import (
+    affinity,
+    approxprefix,
     disagg,
     filters,
     handlers,
+    inflight,
     lora,
+    nohitlru,
     pickers,
     prefix,
     scorers,
+    session,
+    tokenload,
 )
 from epp.scheduling.registry import PluginRegistry
 
@@ -29,6 +35,13 @@ BUILTIN_PLUGINS = (
     disagg.PrefillHeaderHandler,
     filters.LabelSelectorFilter,
     filters.HeaderBasedTestingFilter,
+    affinity.PrefixCacheAffinityFilter,
+    tokenload.TokenLoadScorer,
+    inflight.InflightLoadProducer,
+    nohitlru.NoHitLRUScorer,
+    session.SessionAffinityFilter,
+    session.SessionAffinityScorer,
+    approxprefix.ApproxPrefixCacheProducer,
 )
 
 
