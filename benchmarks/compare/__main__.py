@@ -66,6 +66,9 @@ def _write_configs(routers: Sequence[object], directory: Path) -> None:
     for router in routers:
         if isinstance(router, EppRouter):
             header = f"# {router.base_name}: {router.config_label}\n"
+            if router.config_file is None and router.config_text is None:
+                header += ("# (no --config-file: the EPP's built-in default text, copied "
+                           "here for reference)\n")
             (directory / f"{slug(router.base_name)}.yaml").write_text(
                 header + router.effective_config(), encoding="utf-8")
 

@@ -133,17 +133,20 @@ def replica_goals(results: Results) -> list[Goal]:
 def goals(results: Results) -> list[Goal]:
     """The goals table of a run."""
     lead = headline(results)
+    planned = {w.spec.name for w in results.plan.workloads}
     out: list[Goal] = []
     for workload in (SHARED, MULTI):
         rate = main_rate(results, workload)
         ours = find_cell(results, lead, workload, rate) if lead else None
         peers = [c for c in results.cells
                  if c.kind == "peer" and c.workload == workload and c.rate == rate]
-        out.append(versus_best_peer(ours, peers, label=workload))
+        out.append(_unless_skipped(versus_best_peer(ours, peers, label=workload),
+                                   workload, planned))
     rate = main_rate(results, CONTROL)
-    out.append(no_worse(find_cell(results, lead, CONTROL, rate) if lead else None,
-                        find_cell(results, ROUND_ROBIN, CONTROL, rate),
-                        f"(b) {CONTROL} TTFT p90 ≤ {ROUND_ROBIN}'s"))
+    out.append(_unless_skipped(no_worse(
+        find_cell(results, lead, CONTROL, rate) if lead else None,
+        find_cell(results, ROUND_ROBIN, CONTROL, rate),
+        f"(b) {CONTROL} TTFT p90 ≤ {ROUND_ROBIN}'s"), CONTROL, planned))
     replicas = replica_goals(results)
     if replicas:
         out += replicas
@@ -155,7 +158,9 @@ def goals(results: Results) -> list[Goal]:
     ours = find_cell(results, lead, SHARED, rate) if lead else None
     oracle = find_cell(results, ORACLE, SHARED, rate)
     goal = f"(d) {SHARED} hit rate ≥ {ORACLE_HIT_SHARE:.0%} of the oracle's"
-    if ours is None or oracle is None or oracle.hit_rate <= 0:
+    if SHARED not in planned:
+        out.append(Goal(goal, "n/a", f"{SHARED} was not in this run"))
+    elif ours is None or oracle is None or oracle.hit_rate <= 0:
         out.append(Goal(goal, "n/a", "the headline or the oracle did not run"))
     else:
         ok = ours.hit_rate >= ORACLE_HIT_SHARE * oracle.hit_rate
@@ -163,3 +168,10 @@ def goals(results: Results) -> list[Goal]:
                         f"{ours.hit_rate:.1%} vs {oracle.hit_rate:.1%} "
                         f"({ours.hit_rate / oracle.hit_rate:.0%} of it)"))
     return out
+
+
+def _unless_skipped(goal: Goal, workload: str, planned: set[str]) -> Goal:
+    """``goal``, or n/a saying so when ``workload`` was not in the run at all."""
+    if workload in planned:
+        return goal
+    return Goal(goal.goal, "n/a", f"{workload} was not in this run")
