@@ -26,7 +26,6 @@ from epp.errors import RequestError
 from epp.extproc.certs import CertificateError, ExtProcTls
 from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
-from epp.kvcache.producer import ApproximateProducer
 from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, KVIndexCollector, PoolCollector
 from epp.observability.health import HealthReporter
@@ -138,9 +137,11 @@ class App:
         await self._start_tls()
         await self.health.start()
         self.pool.add_listener(self._on_pool_change)
-        for producer in self.picker_config.producers:
-            if isinstance(producer, ApproximateProducer):  # drops departed pods' history
-                self.pool.add_listener(producer.on_pool_change)
+        # Plugins and producers that keep per-endpoint state forget departed pods.
+        for part in (*self.picker_config.producers, *self.picker_config.plugins.values()):
+            listener = getattr(part, "on_pool_change", None)
+            if callable(listener):
+                self.pool.add_listener(listener)
         await self.discovery.start()
         await self.scraper.start()
         for service in self.kv_services:

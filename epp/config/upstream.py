@@ -168,7 +168,6 @@ PARSER_TYPES = frozenset({OpenAIParser.type_name})
 
 _PARSE = "openai-parser (OpenAI completions, chat completions and responses are parsed)"
 _LOAD = "load-aware-scorer or queue-scorer"
-_PREFIX = "precise-prefix-cache-scorer or prefix-cache-scorer"
 # Upstream plugin types with no implementation here, and what to use instead.
 NOT_IMPLEMENTED: dict[str, str] = {
     "anthropic-parser": _PARSE,
@@ -177,14 +176,7 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "vllmhttp-parser": _PARSE,
     "sglanghttp-parser": _PARSE,
     "passthrough-parser": _PARSE + "; other paths are refused with 400",
-    "token-load-scorer": _LOAD,
     "active-request-scorer": _LOAD,
-    "inflight-load-producer": _LOAD + " (in-flight load is always tracked)",
-    "no-hit-lru-scorer": _PREFIX,
-    "session-affinity-scorer": _PREFIX,
-    "session-affinity-filter": _PREFIX,
-    "prefix-cache-affinity-filter": _PREFIX + " with a higher weight",
-    "approx-prefix-cache-producer": "prefix-cache-scorer (it owns its producer)",
     "burst-prefix-cache-producer": "prefix-cache-scorer (it owns its producer)",
     "token-producer": "precise-prefix-cache-scorer (it tokenizes)",
     "tokenizer": "precise-prefix-cache-scorer (parameters.tokenizer)",
@@ -225,7 +217,7 @@ def add_config_only_plugins(registry: PluginRegistry) -> PluginRegistry:
 
 def is_config_only(plugin: object) -> bool:
     """Whether ``plugin`` configures a fixed part of the EPP (never used in a profile)."""
-    return isinstance(plugin, _ConfigOnly)
+    return isinstance(plugin, _ConfigOnly) or getattr(plugin, "config_only", False) is True
 
 
 @dataclass(frozen=True, slots=True)

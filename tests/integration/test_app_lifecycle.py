@@ -98,3 +98,47 @@ def test_sigterm_lets_an_in_flight_stream_finish(tmp_path: Path) -> None:
         assert time.monotonic() - started < 8
     finally:
         stack.stop()
+
+
+SESSION_CONFIG = """\
+plugins:
+- type: session-affinity-scorer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: session-affinity-scorer, weight: 10}
+  - {pluginRef: queue-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+"""
+
+
+@pytest.mark.asyncio
+async def test_plugins_with_per_endpoint_state_forget_pods_that_leave(tmp_path: Path) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: [{name: a, address: '127.0.0.1:1'}, "
+                         "{name: b, address: '127.0.0.1:2'}]\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(SESSION_CONFIG)
+    app = build_app(EppSettings(endpoints_file=str(endpoints), config_file=str(config),
+                                bind_address="127.0.0.1", grpc_port=0, health_port=0,
+                                metrics_port=0, endpoints_reload_s=0.05))
+    await app.start()
+    try:
+        session = app.picker_config.plugins["session-affinity-scorer"]
+        body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+        handle = await app.director.route({":path": "/v1/completions", "x-session-id": "s1"},
+                                          body, None)
+        handle.on_done(True)
+        assert len(session.table) == 1
+        time.sleep(0.01)  # a distinct mtime for the edit below
+        kept = "b" if handle.endpoints[0].name == "a" else "a"
+        port = 2 if kept == "b" else 1
+        endpoints.write_text(f"endpoints: [{{name: {kept}, address: '127.0.0.1:{port}'}}]\n")
+        deadline = time.monotonic() + 5
+        while len(session.table):
+            assert time.monotonic() < deadline, "the departed pod's session was kept"
+            await asyncio.sleep(0.05)
+    finally:
+        await app.stop()

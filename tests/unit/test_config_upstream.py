@@ -165,8 +165,8 @@ def test_inert_flow_control_settings_are_logged(caplog: pytest.LogCaptureFixture
 
 
 @pytest.mark.parametrize("text, message", [
-    (_with_plugins("- type: token-load-scorer\n"),
-     "config: plugins[1].type (token-load-scorer): not implemented here; use "
+    (_with_plugins("- type: active-request-scorer\n"),
+     "config: plugins[1].type (active-request-scorer): not implemented here; use "
      "load-aware-scorer or queue-scorer"),
     (_with_plugins("- type: passthrough-parser\n"),
      "config: plugins[1].type (passthrough-parser): not implemented here; use openai-parser"),

@@ -130,6 +130,7 @@ class InflightLoadProducer:
 
     type_name = "inflight-load-producer"
     Params = InflightLoadParams
+    config_only = True  # names the director's accounting; never placed in a profile
 
     def __init__(self, name: str) -> None:
         self.name = name
