@@ -171,3 +171,25 @@ async def test_a_sink_failing_to_clear_is_counted_not_raised() -> None:
     assert sink.log == [5, 1]
     assert (stream.stats.sink_errors, stream.stats.restarts) == (1, 1)
     assert failure(stream.stats, "sink_error") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_resync_asked_from_outside_replays_once_per_interval() -> None:
+    # A response showed cached blocks no event told of: the index asks for a replay.
+    engine = Engine()
+    stream, sink = make(engine, resync_interval=3600.0)
+    await stream.on_live(0, engine.publish(0, payload(0)))
+    assert stream.request_resync()
+    assert not stream.request_resync()  # already due
+    await stream.on_live(1, engine.publish(1, payload(1)))  # the replay runs here
+    assert engine.requests == [0]  # the resync: the first message (seq 0) had no gap
+    assert sink.log == [0, 1, 0, 1]
+    assert stream.stats.resyncs == 1
+    assert not stream.request_resync()  # within the interval
+
+
+@pytest.mark.asyncio
+async def test_a_resync_is_refused_without_a_replay_socket() -> None:
+    stream, _ = make(None)
+    await stream.on_live(0, payload(0))
+    assert not stream.request_resync()
