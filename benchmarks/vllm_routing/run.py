@@ -104,14 +104,16 @@ class Fleet:
 
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
+        body: bytes = resp.read()
+    return body.decode()
 
 
 def _post(url: str, body: bytes) -> bytes:
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
-        return resp.read()
+        reply: bytes = resp.read()
+    return reply
 
 
 def log(message: str) -> None:

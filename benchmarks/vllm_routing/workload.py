@@ -44,7 +44,7 @@ class Shape:
     system_words: int = 1000  # ~1 token per word with vocabulary words
     question_words: tuple[int, int] = (12, 32)
     single_turn_requests: int = 240
-    users_per_tenant: int = 3
+    users_per_tenant: int = 4
     turns: int = 5
     answer_words: tuple[int, int] = (20, 40)
     active_conversations: int = 6

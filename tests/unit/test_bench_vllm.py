@@ -74,7 +74,7 @@ def test_workloads_are_deterministic_and_seeded() -> None:
 def test_single_turn_is_a_tenant_prompt_plus_a_fresh_question() -> None:
     w = single_turn(SMALL, WORDS)
     assert w.name == SINGLE_TURN and len(w.requests) == SMALL.single_turn_requests
-    systems = {}
+    systems: dict[int, str] = {}
     for r in w.requests:
         (role0, system), (role1, _) = r.messages
         assert (role0, role1) == ("system", "user") and r.after is None
