@@ -169,6 +169,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               "as the OTEL_* variables say (needs the epp[tracing] extra)")
     _add_bool(p, "--emit-endpoint-scores", False,
               "per-endpoint scheduler scores in the response metadata")
+    p.add_argument("--replica-sync-url", default=None,
+                   help="NATS server(s), e.g. nats://nats:4222: EPP replicas behind one "
+                   "gateway share pending picks and in-flight load over it (default: off; "
+                   "needs the epp[sync] extra)")
+    p.add_argument("--replica-sync-subject", default=None,
+                   help="NATS subject of replica sync (default: epp.<pool name>.routing)")
     # Upstream flags accepted and ignored (IGNORED_UPSTREAM_FLAGS says why).
     _add_bool(p, "--ha-enable-leader-election", None, "accepted; replicas are active-active")
     _add_bool(p, "--health-checking", None, "accepted; health is always served")
@@ -301,6 +307,8 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         shutdown_grace_s=args.shutdown_grace_seconds,
         seed=args.seed,
         endpoints_reload_s=args.endpoints_reload_seconds,
+        replica_sync_url=args.replica_sync_url,
+        replica_sync_subject=args.replica_sync_subject,
     )
 
 

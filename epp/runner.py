@@ -30,9 +30,11 @@ from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, KVIndexCollector, PoolCollector
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
+from epp.observability.replica_sync import ReplicaSyncCollector
 from epp.observability.tracing import NO_TRACING, Tracing, TracingError, setup_tracing
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
+from epp.replicasync import ReplicaSync, ReplicaSyncError, parse_servers
 from epp.requestcontrol.director import Director
 from epp.scheduling.registry import PluginDeps
 from epp.supervise import LogLimiter, supervised
@@ -69,12 +71,16 @@ class App:
         failed = self.metrics.count_background_failure
         self.kv_services = [KVCacheService(kv, on_task_failure=failed)
                             for kv in cfg.kv_settings]
+        self.replica_sync = self._build_replica_sync()
+        # Replica sync runs after the KV services' feedback: it shares the pick they made.
+        sync_hooks = [self.replica_sync] if self.replica_sync is not None else []
         self.director = Director(
             self.pool, cfg.scheduler, admission, self.metrics,
             producers=[*(s.producer for s in self.kv_services), *cfg.producers],
-            pre_request=[*cfg.pre_request, *(s.feedback for s in self.kv_services)],
+            pre_request=[*cfg.pre_request, *(s.feedback for s in self.kv_services),
+                         *sync_hooks],
             response_complete=[*cfg.response_complete,
-                               *(s.feedback for s in self.kv_services)],
+                               *(s.feedback for s in self.kv_services), *sync_hooks],
             allow_test_header=settings.enable_test_endpoint_selection,
             model_rewrites=ModelRewrites(random.Random(settings.seed)),
             emit_endpoint_scores=settings.emit_endpoint_scores)
@@ -108,6 +114,19 @@ class App:
         self.metrics_port = 0
         self._endpoint_names: set[str] = set()
         self._stopped = asyncio.Event()
+
+    def _build_replica_sync(self) -> ReplicaSync | None:
+        s = self.settings
+        if s.replica_sync_url is None:
+            return None
+        try:
+            return ReplicaSync(
+                servers=parse_servers(s.replica_sync_url), subject=s.sync_subject,
+                endpoints=self.pool.get,
+                indexes=[k.index for k in self.kv_services if k.settings.pending_picks],
+                on_task_failure=self.metrics.count_background_failure)
+        except ReplicaSyncError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _build_discovery(self, admission: Admission) -> StaticDiscovery | KubernetesDiscovery:
         s = self.settings
@@ -152,6 +171,10 @@ class App:
                                                             service.feedback.counts))
         self.metrics.registry.register(PoolCollector(
             self.settings.pool_label, self.pool.snapshot, self.settings.metrics_stale_after_s))
+        if self.replica_sync is not None:
+            await self.replica_sync.start()
+            self.metrics.registry.register(ReplicaSyncCollector(self.replica_sync,
+                                                                self.pool.snapshot))
 
         if s.extproc_server == "grpc":
             # grpc takes the first of repeated options: replace the default, don't append.
@@ -268,6 +291,8 @@ class App:
         if self._h2 is not None:
             stops.append(self._h2.stop(grace))
         await asyncio.gather(*stops)
+        if self.replica_sync is not None:  # after the streams: their completions go out
+            await self.replica_sync.stop()
         await self.discovery.stop()
         await self.scraper.stop()
         for service in self.kv_services:

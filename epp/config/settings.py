@@ -9,6 +9,7 @@ from epp.datalayer import scraper
 from epp.datalayer.parser import VLLM_METRICS, EngineMetrics
 from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
+from epp.replicasync.settings import check_subject, default_subject, parse_servers
 
 # Ports of the endpoint-picker protocol (GIE): ext_proc, gRPC health, Prometheus.
 DEFAULT_GRPC_PORT = 9002
@@ -82,11 +83,19 @@ class EppSettings:
     emit_endpoint_scores: bool = False  # per-endpoint scores in the response metadata
     grpc_max_recv_msg_bytes: int = DEFAULT_GRPC_MAX_RECV_MSG_BYTES
     engine_metrics: EngineMetrics = VLLM_METRICS  # which series of a pod's page to read
+    # --- several replicas: share pending picks and in-flight load over NATS -------------
+    replica_sync_url: str | None = None  # nats://host:4222 (comma-separated: a cluster)
+    replica_sync_subject: str | None = None  # None: epp.<pool>.routing
 
     @property
     def pool_label(self) -> str:
         """The pool's name in metrics."""
         return self.pool_name or "default"
+
+    @property
+    def sync_subject(self) -> str:
+        """The NATS subject replica sync publishes and listens on."""
+        return self.replica_sync_subject or default_subject(self.pool_label)
 
     def __post_init__(self) -> None:
         if self.endpoints_file is None and self.pool_name is None and \
@@ -134,3 +143,14 @@ class EppSettings:
             raise ConfigError("drain_timeout_s: must not be negative")
         if self.grpc_max_recv_msg_bytes < 0:
             raise ConfigError("grpc_max_recv_msg_bytes: must not be negative")
+        if self.replica_sync_url is not None:
+            try:
+                parse_servers(self.replica_sync_url)
+            except ValueError as exc:
+                raise ConfigError(f"--replica-sync-url: {exc}") from None
+            try:
+                check_subject(self.sync_subject)
+            except ValueError as exc:
+                raise ConfigError(f"--replica-sync-subject: {exc}") from None
+        elif self.replica_sync_subject is not None:
+            raise ConfigError("--replica-sync-subject needs --replica-sync-url")

@@ -42,6 +42,11 @@ class EndpointLoad:
     tokens of requests routed here whose first response byte has not come back yet.
     Divided by the endpoint's prefill rate it is how long a new request would wait
     for its first token.
+
+    ``peer_requests`` and ``peer_prefill_tokens`` are what other EPP replicas routed
+    here (shared with ``--replica-sync-url``): their requests and uncached prompt tokens
+    until the peer reports the request complete or the prefill estimate it sent (its
+    pending TTL) passes, whichever comes first. The fields above stay this replica's own.
     """
 
     requests: int = 0
@@ -49,6 +54,8 @@ class EndpointLoad:
     prefill_tokens: int = 0
     # Requests routed here since the last scrape landed: load the scrape cannot show yet.
     since_scrape: int = 0
+    peer_requests: int = 0
+    peer_prefill_tokens: int = 0
 
     def add(self, tokens: int, uncached: int = 0) -> None:
         self.requests += 1
@@ -71,6 +78,16 @@ class EndpointLoad:
         """A request counted here was served elsewhere: as if it had never been added."""
         self.release(tokens, uncached)
         self.since_scrape = max(0, self.since_scrape - 1)
+
+    def add_peer(self, uncached: int) -> None:
+        """Another replica routed a request here with ``uncached`` tokens to prefill."""
+        self.peer_requests += 1
+        self.peer_prefill_tokens += uncached
+
+    def release_peer(self, uncached: int) -> None:
+        """That request completed, or its prefill estimate passed."""
+        self.peer_requests = max(0, self.peer_requests - 1)
+        self.peer_prefill_tokens = max(0, self.peer_prefill_tokens - uncached)
 
 
 class PrefillRate:
