@@ -394,7 +394,7 @@ class ReplicaSync:
                 max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                 pending_size=CLIENT_PENDING_BYTES, flush_timeout=FLUSH_TIMEOUT_S,
                 error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected)
+                reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
             log.info("replica sync: connected to %s", _server_of(nc))
             await nc.subscribe(self.subject, cb=self._on_message,
                                pending_msgs_limit=SUB_PENDING_MSGS,
@@ -467,6 +467,9 @@ class ReplicaSync:
         self.stats.disconnects += 1
         self._logs.warning("disconnected", "replica sync: disconnected from NATS; routing "
                            "goes on alone, reconnecting every %.0f s", RECONNECT_WAIT_S)
+
+    async def _on_closed(self) -> None:
+        self._outbox.ready.set()  # the send loop notices, ends, and is restarted
 
     async def _on_reconnected(self) -> None:
         self.stats.reconnects += 1

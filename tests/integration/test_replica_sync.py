@@ -401,6 +401,20 @@ async def test_routing_goes_on_while_nats_is_down_and_sync_resumes_after(
 
 
 @pytest.mark.asyncio
+async def test_a_closed_connection_is_restarted_by_its_supervisor(
+        sims: LocalStack, nats: NatsServer) -> None:
+    async with replicas(settings(sims, nats.url), settings(sims, nats.url)) as (a, b):
+        sa, sb = a.replica_sync, b.replica_sync
+        assert sa is not None and sb is not None
+        await sa._nc.close()  # as if the client had given up
+        await eventually(lambda: sa.connected, "a new connection", timeout=5)
+        assert a.metrics.background_failures.labels("replica-sync")._value.get() == 1
+        handle = await route(a, chat(18, "Back?"))
+        await eventually(lambda: sb.stats.received["route"] == 1, "B heard A again")
+        end(handle)
+
+
+@pytest.mark.asyncio
 async def test_replicas_start_and_route_with_nats_unreachable(sims: LocalStack) -> None:
     from epp.devtools.procs import free_port
 
