@@ -88,11 +88,13 @@ async def replicas(*all_settings: EppSettings) -> AsyncIterator[list[App]]:
             apps.append(app)
             await app.start()
         for app in apps:
-            await eventually(lambda app=app: len(app.pool.snapshot()) == SIMS and all(
-                e.state.metrics.scraped_at for e in app.pool.snapshot()), "pods scraped")
+            pool = app.pool
+            await eventually(lambda: len(pool.snapshot()) == SIMS and all(
+                e.state.metrics.scraped_at for e in pool.snapshot()), "pods scraped")
             sync = app.replica_sync
             if sync is not None:
-                await eventually(lambda sync=sync: sync.connected, "NATS connected")
+                await eventually(lambda: sync is not None and sync.connected,
+                                 "NATS connected")
         yield apps
     finally:
         for app in reversed(apps):
@@ -259,11 +261,13 @@ def test_flags_and_settings() -> None:
     assert EppSettings(endpoints_file="e", pool_name="pool-a", replica_sync_url="nats://n"
                        ).sync_subject == "epp.pool-a.routing"
     assert parse_args(["--endpoints-file", "e"]).replica_sync_url is None  # off by default
-    for bad in ({"replica_sync_url": "http://nats:4222"},
-                {"replica_sync_url": "nats://"},
-                {"replica_sync_url": "nats://n:4222", "replica_sync_subject": "epp.*.x"},
-                {"replica_sync_url": "nats://n:4222", "replica_sync_subject": "a..b"},
-                {"replica_sync_subject": "epp.x"}):
+    bads: list[dict[str, Any]] = [
+        {"replica_sync_url": "http://nats:4222"},
+        {"replica_sync_url": "nats://"},
+        {"replica_sync_url": "nats://n:4222", "replica_sync_subject": "epp.*.x"},
+        {"replica_sync_url": "nats://n:4222", "replica_sync_subject": "a..b"},
+        {"replica_sync_subject": "epp.x"}]
+    for bad in bads:
         with pytest.raises(ConfigError):
             EppSettings(endpoints_file="e", **bad)
 
@@ -492,7 +496,7 @@ async def test_a_peer_that_vanishes_leaves_nothing_behind(
         started = time.monotonic()
         await eventually(lambda: sim0.state.load.peer_prefill_tokens == 0, "expiry",
                          timeout=3)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.0  # its 0.6 s TTL, not the 30 s bound
         assert sim0.state.load.peer_requests == 0 and len(sb.table) == 0
         assert sb.table.expired == 1
         index.match([21, 22], ["sim-0"])  # a lookup expires due pending entries
