@@ -453,11 +453,16 @@ async def test_garbage_on_the_subject_is_counted_and_ignored(
             assert sb.stats.decode_errors == expected
             # An endpoint this replica does not have: counted, nothing applied.
             await publish(wire.route("peer-x", 1, "no-such-pod", [1, 2, 3], 5.0, 100))
+            # A message carrying this replica's own id (a second connection of its own,
+            # a replay): ignored.
+            await publish(wire.route(sb.replica_id, 3, "sim-1", [41], 5.0, 100))
             # ... and a good message after all that is applied.
             await publish(wire.route("peer-x", 2, "sim-0", [11, 12, 13], 5.0, 100))
             await eventually(lambda: sb.stats.received["route"] == 1, f"the good one applied {sb.stats}")
         assert sb.stats.dropped["unknown_endpoint"] == 1
         assert b.kv_services[0].index.pending_of("sim-0") == 3
+        assert b.kv_services[0].index.pending_of("sim-1") == 0
+        assert sb.peers() == 1  # peer-x; not itself
         assert "no-such-pod" not in b.kv_services[0].index.endpoints()
         handle = await route(b, chat(16, "Still routing?"))
         end(handle)
