@@ -181,6 +181,7 @@ class ReplicaSync:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._stopping = False
+        self._beat_now = False  # a new peer appeared: tell it of this replica at once
 
     # -- state ----------------------------------------------------------------------
 
@@ -319,6 +320,8 @@ class ReplicaSync:
         peers = self._peers
         if peers.pop(replica, None) is None:
             log.info("replica sync: peer %s joined", replica)
+            self._beat_now = True  # it may have missed our last heartbeat
+            self._outbox.ready.set()
             if len(peers) >= MAX_PEERS:
                 del peers[next(iter(peers))]  # the least recently heard
         peers[replica] = now  # re-inserted: the dict stays in order of last heard
@@ -417,7 +420,8 @@ class ReplicaSync:
             while outbox:
                 kind, payload = outbox.pop()
                 await self._publish(nc, kind, payload)
-            if self._clock() >= next_beat:
+            if self._beat_now or self._clock() >= next_beat:
+                self._beat_now = False
                 if nc.is_connected:
                     await self._publish(nc, "beat", beat)
                 next_beat = self._clock() + self._heartbeat_s
