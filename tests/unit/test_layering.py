@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 IO_MODULES = ("zmq", "aiohttp", "tokenizers", "tiktoken", "jinja2", "grpc", "h2",
-              "kubernetes_asyncio")
+              "kubernetes_asyncio", "nats")
 
 
 def test_importing_the_scheduler_pulls_in_no_io() -> None:

@@ -20,10 +20,12 @@ nothing per request. What it is:
   accounting cannot honour, is refused by name instead of being ignored
   (``addEstimatedOutputTokens: true``).
 
-Known differences: the counts are this EPP replica's own (llm-d can sync them across
-replicas; ``syncCrossReplicaState`` only matters with a cross-replica syncer, which is
-refused here too), and with P/D disaggregation only the primary (decode) endpoint carries
-the request's load, where llm-d also counts the prefill pod until its first chunk.
+Known differences: the tokens include other replicas' (``peer_prefill_tokens``) only
+when replicas share their routing over NATS (``--replica-sync-url``); the request
+counts stay this replica's own; ``syncCrossReplicaState`` has no effect (the sharing is
+the EPP's, not the plugin's); and with P/D disaggregation only the primary (decode)
+endpoint carries the request's load, where llm-d also counts the prefill pod until its
+first chunk.
 """
 
 from __future__ import annotations
