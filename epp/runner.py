@@ -76,7 +76,8 @@ class App:
         sync_hooks = [self.replica_sync] if self.replica_sync is not None else []
         self.director = Director(
             self.pool, cfg.scheduler, admission, self.metrics,
-            producers=[*(s.producer for s in self.kv_services), *cfg.producers],
+            producers=[*(s.producer for s in self.kv_services),
+                       *(s.fallback for s in self.kv_services), *cfg.producers],
             pre_request=[*cfg.pre_request, *(s.feedback for s in self.kv_services),
                          *sync_hooks],
             response_complete=[*cfg.response_complete,
@@ -157,7 +158,8 @@ class App:
         await self.health.start()
         self.pool.add_listener(self._on_pool_change)
         # Plugins and producers that keep per-endpoint state forget departed pods.
-        for part in (*self.picker_config.producers, *self.picker_config.plugins.values()):
+        for part in (*self.picker_config.producers, *self.picker_config.plugins.values(),
+                     *(s.fallback for s in self.kv_services)):
             listener = getattr(part, "on_pool_change", None)
             if callable(listener):
                 self.pool.add_listener(listener)

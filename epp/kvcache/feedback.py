@@ -6,6 +6,9 @@ prefix cache:
   long, and sibling requests follow them before the engine's events could;
 - **failed requests** (response complete): a request that got no response, or an error,
   takes its pending blocks back;
+- **routing history** (pre-request): where each prompt's text went, for the fallback
+  match used when a request's tokens do not come in time (see
+  :data:`FALLBACK_MAX_BLOCKS`);
 - **corrections** (response complete): the engine's ``cached_tokens`` shows what it
   really held. Fewer than the index credited means the index kept blocks the engine
   had evicted (a lost ``BlockRemoved``): those keys are dropped for that endpoint. More
@@ -25,6 +28,7 @@ from typing import Any
 
 from epp.kvcache.index import BlockIndex, PendingPick
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
+from epp.kvcache.producer import ApproximateProducer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,18 @@ PENDING_TTL_SLACK_S = 0.25
 MIN_PENDING_TTL_S = 0.5
 MAX_PENDING_TTL_S = 30.0
 DEFAULT_PENDING_TTL_S = 2.0
+# The fallback match hashes at most this many 64-character blocks of a prompt's text
+# (~4k characters, ~1k tokens): enough to tell tenants' system prompts and
+# conversations apart, at a few tens of microseconds per request.
+FALLBACK_MAX_BLOCKS = 64
+FALLBACK_NAME = "precise-fallback-match"
+
+
+def fallback_producer() -> ApproximateProducer:
+    """The routing-history match a precise prefix cache falls back to when a request's
+    tokens miss the prefix deadline (a slow or unreachable tokenizer source)."""
+    return ApproximateProducer(max_blocks=FALLBACK_MAX_BLOCKS, name=FALLBACK_NAME,
+                               fallback_only=True)
 
 
 def pending_ttl(outstanding_tokens: int, uncached_tokens: int,
@@ -70,14 +86,21 @@ class IndexFeedback:
     name = "kv-index-feedback"
 
     def __init__(self, index: BlockIndex, *, pending: bool = True,
-                 resync: Callable[[str], bool] | None = None) -> None:
+                 resync: Callable[[str], bool] | None = None,
+                 fallback: ApproximateProducer | None = None) -> None:
         self.index = index
         self.pending = pending
         self._resync = resync
+        self.fallback = fallback
         self.counts = FeedbackCounts()
 
     def pre_request(self, ctx: Any, result: Any, headers: Any) -> None:
-        """Enter the request's blocks as pending on the endpoint it goes to."""
+        """Record where the prompt's text went (for the fallback match); enter the
+        request's blocks as pending on the endpoint it goes to."""
+        if self.fallback is not None and result.endpoints and ctx.request is not None \
+                and ctx.request.prompt is not None:
+            self.fallback.history.record(result.endpoints[0].name,
+                                         self.fallback.keys(ctx.request))
         if not self.pending:
             return
         match = _precise(ctx.cycle)

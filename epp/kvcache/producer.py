@@ -158,10 +158,16 @@ class ApproximateProducer:
     matched against what this EPP routed to each endpoint."""
 
     name = "approximate-prefix-match"
+    # Run only when no precise match was produced (a fallback; see the director).
+    fallback_only = False
 
     def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int = 256,
                  capacity_per_endpoint: int = 31_250,
-                 max_total_keys: int = DEFAULT_MAX_HISTORY_KEYS) -> None:
+                 max_total_keys: int = DEFAULT_MAX_HISTORY_KEYS,
+                 name: str | None = None, fallback_only: bool = False) -> None:
+        if name is not None:
+            self.name = name
+        self.fallback_only = fallback_only
         self.block_size = block_size
         self.chars_per_block = 4 * block_size  # ~4 characters per token
         self.max_blocks = max_blocks

@@ -12,7 +12,7 @@ from typing import Any
 
 from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
-from epp.kvcache.feedback import IndexFeedback
+from epp.kvcache.feedback import IndexFeedback, fallback_producer
 from epp.kvcache.index import DEFAULT_CAPACITY_BLOCKS, BlockIndex
 from epp.kvcache.producer import PreciseProducer
 from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, KVCacheSettings
@@ -57,8 +57,10 @@ class KVCacheService:
         self.producer = PreciseProducer(self.index, self, block_size=self._block_size,
                                         max_blocks=settings.max_prefix_blocks)
         # Request hooks: pending picks, and corrections from the engines' cached_tokens.
+        # Where prompts' text went: the match used when tokens miss the prefix deadline.
+        self.fallback = fallback_producer()
         self.feedback = IndexFeedback(self.index, pending=settings.pending_picks,
-                                      resync=self._request_resync)
+                                      resync=self._request_resync, fallback=self.fallback)
 
     def _request_resync(self, endpoint: str) -> bool:
         return self.manager.request_resync(endpoint) if self.manager is not None else False

@@ -327,6 +327,10 @@ class Director:
         deadline = asyncio.get_running_loop().time() + PREFIX_DEADLINE_S
         lost: str | None = None
         for producer in self._producers:
+            if getattr(producer, "fallback_only", False):
+                current = ctx.cycle.get(PREFIX_MATCH_KEY)
+                if current is not None and current.precise:
+                    continue
             # A producer that never suspends (the approximate one) finishes even after
             # the deadline: the timeout only cancels at an await.
             budget = asyncio.timeout_at(deadline)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from epp.datastore import DEFAULT_KV_EVENTS_PORT, Endpoint
-from epp.kvcache.match import PrefixMatch
+from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.kvcache.producer import ApproximateProducer, PreciseProducer, record_routing
 from epp.kvcache.settings import DEFAULT_BLOCK_SIZE, KVCacheSettings
 from epp.scheduling.registry import PluginDeps, PluginParams
@@ -98,7 +98,13 @@ class PrecisePrefixCacheScorer:
         return cls(name, settings)
 
     def score(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> list[float]:
-        return _scores(ctx.cycle.get(PreciseProducer.name), endpoints, weighted=True)
+        match = ctx.cycle.get(PreciseProducer.name)
+        if match is None:
+            # The tokens did not come in time: the KV cache's fallback (where this EPP
+            # sent similar text before) keeps the request with its prefix.
+            fallback = ctx.cycle.get(PREFIX_MATCH_KEY)
+            return _scores(fallback, endpoints, weighted=False)
+        return _scores(match, endpoints, weighted=True)
 
 
 class ApproximateParams(PluginParams):
