@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.compare.metrics import percentile
+from benchmarks.compare.metrics import CLOCK_TICKS, percentile
 
 # The names vLLM 0.32 exposes (counters carry prometheus-client's ``_total``).
 VLLM_PREFIX_HITS = "vllm:prefix_cache_hits_total"  # tokens found cached
@@ -84,6 +84,14 @@ class IndexCheck:
         return self.over + self.under
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores; /proc/stat's first line:
+    everything but idle and iowait)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
+
+
 def ratio(part: float, whole: float) -> float:
     """``part / whole``, NaN when there is no whole (never a misleading 0)."""
     return part / whole if whole > 0 else math.nan
@@ -128,6 +136,7 @@ class Cell:
     vllm: ServerCounters
     index: IndexCheck | None  # None: no EPP in the path
     wall_s: float
+    others_cores: float = math.nan  # CPU used by processes outside this run, in cores
     errors: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -188,7 +197,7 @@ def tenants_per_server(samples: Iterable[Sample], servers: int) -> list[int]:
 def summarize(samples: Sequence[Sample], ideal: Sequence[int], *, workload: str,
               concurrency: int, router: str, before: Sequence[ServerCounters],
               after: Sequence[ServerCounters], index: IndexCheck | None,
-              wall_s: float) -> Cell:
+              wall_s: float, others_cores: float = math.nan) -> Cell:
     """The cell's figures; ``ideal`` is per request index (``ideal_cached_tokens``)."""
     ok = [s for s in samples if s.ok]
     ttft = [s.ttft_s * 1e3 for s in ok if s.ttft_s is not None]
@@ -210,4 +219,4 @@ def summarize(samples: Sequence[Sample], ideal: Sequence[int], *, workload: str,
         vllm=ServerCounters(sum(d.prefix_hits for d in delta),
                             sum(d.prefix_queries for d in delta),
                             sum(d.finished for d in delta)),
-        index=index, wall_s=wall_s, errors=errors)
+        index=index, wall_s=wall_s, others_cores=others_cores, errors=errors)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 import time
 import urllib.request
@@ -16,12 +17,14 @@ from pathlib import Path
 import msgspec
 from tokenizers import Tokenizer
 
+from benchmarks.compare.metrics import process_tree_cpu_s
 from benchmarks.vllm_routing.client import run_requests
 from benchmarks.vllm_routing.measure import (
     VLLM_RUNNING,
     VLLM_WAITING,
     Cell,
     ServerCounters,
+    machine_busy_s,
     metric_sum,
     parse_metrics,
     summarize,
@@ -209,6 +212,7 @@ def run_cell(fleet: Fleet, workload: Workload, ideal: Sequence[int], concurrency
     try:
         before = fleet.counters()
         started = time.monotonic()
+        busy, ours = machine_busy_s(), process_tree_cpu_s([os.getpid()])
         by_address = {s.address: s.index for s in fleet.servers}
         samples = asyncio.run(run_requests(
             workload.requests, router.target, model=MODEL_NAME, max_tokens=shape.max_tokens,
@@ -219,11 +223,16 @@ def run_cell(fleet: Fleet, workload: Workload, ideal: Sequence[int], concurrency
         time.sleep(SETTLE_S)
         after = fleet.counters()
         index = router.index_check()
+        # Everything this run started is a descendant of this process (the EPP and
+        # Envoy are still running here); the rest of the machine's busy time is others'.
+        window = time.monotonic() - started
+        others = max(0.0, (machine_busy_s() - busy)
+                     - (process_tree_cpu_s([os.getpid()]) - ours)) / window
     finally:
         router.stop()
     return summarize(samples, ideal, workload=workload.name, concurrency=concurrency,
                      router=router.name, before=before, after=after, index=index,
-                     wall_s=wall)
+                     wall_s=wall, others_cores=others)
 
 
 def _slug(name: str) -> str:
