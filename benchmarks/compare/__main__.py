@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.compare --plan full     # the rate sweep (make bench-full)
     .venv/bin/python -m benchmarks.compare --routers "epp default" oracle --duration 20
     .venv/bin/python -m benchmarks.compare --epp-config sticky=my-config.yaml --replicas 1 2
+    .venv/bin/python -m benchmarks.compare --routers "epp default" --replicas 1 2 --replica-sync
 
 The headline row is ``epp default``: the EPP with no config file and KV events in its
 endpoints file, the built-in default a new user gets. Writes

@@ -6,8 +6,9 @@ with KV events), each with PASS/MISS/n/a and the figures behind the verdict:
 - (b) on no-sharing, its TTFT p90 ≤ Envoy round-robin's (cache awareness must cost
   nothing when there is nothing to reuse);
 - (c) when replica rows ran, for every KV-event-fed EPP router and every workload with
-  hits: the hit rate of ×N within 3% (relative) of ×1's on the same workload (replicas
-  that each hold the whole index must route as one);
+  hits: the hit rate of ×N, with and without replica sync (``×N sync``), within 3%
+  (relative) of ×1's on the same workload (replicas that each hold the whole index must
+  route as one); each line names the two rows it compared;
 - (d) kept from the last round: on shared-prefix, its hit rate ≥ 90% of the oracle's.
 
 A cell with failed requests never passes: its percentiles cover only what was answered.
@@ -99,7 +100,7 @@ def replica_hit_rate(one: Cell, many: Cell, replicas: int,
                      tolerance: float = REPLICA_HIT_TOLERANCE) -> Goal:
     """(c): ``many``'s hit rate within ``tolerance`` (relative) of ``one``'s."""
     goal = (f"(c) {many.router}: {many.workload} hit rate within {tolerance:.0%} of "
-            f"×1's")
+            f"×1's ({one.router})")
     if one.hit_rate <= 0:
         return Goal(goal, "n/a", f"{one.router} hit nothing on {one.workload}")
     change = (many.hit_rate - one.hit_rate) / one.hit_rate
@@ -111,22 +112,28 @@ def replica_hit_rate(one: Cell, many: Cell, replicas: int,
     return Goal(goal, "PASS" if abs(change) <= tolerance else "MISS", numbers)
 
 
-def replica_goals(results: Results) -> list[Goal]:
-    """(c) for every KV-event-fed EPP router that ran at ×1 and at more replicas, on
-    every workload (headline rate) whose ×1 hit anything."""
-    out: list[Goal] = []
+def replica_pairs(results: Results) -> list[tuple[str, str]]:
+    """The rows (c) compares, in run order: (×N row, its ×1 row) for every KV-event-fed
+    EPP router that ran at ×1 and at more replicas, synced or not."""
+    ran = {c.router for c in results.cells}
     singles = {info.base: name for name, info in results.routers.items()
-               if info.replicas == 1 and info.kv_events}
-    for name, info in results.routers.items():
-        if info.replicas <= 1 or not info.kv_events or info.base not in singles:
-            continue
+               if info.replicas == 1 and info.kv_events and name in ran}
+    return [(name, singles[info.base]) for name, info in results.routers.items()
+            if info.replicas > 1 and info.kv_events and info.base in singles and name in ran]
+
+
+def replica_goals(results: Results) -> list[Goal]:
+    """(c) for every pair of :func:`replica_pairs`, on every workload (headline rate)
+    whose ×1 hit anything."""
+    out: list[Goal] = []
+    for name, single in replica_pairs(results):
         for run in results.plan.workloads:
             rate = run.main
-            one = find_cell(results, singles[info.base], run.spec.name, rate)
+            one = find_cell(results, single, run.spec.name, rate)
             many = find_cell(results, name, run.spec.name, rate)
             if one is None or many is None or one.hit_rate <= 0:
                 continue
-            out.append(replica_hit_rate(one, many, info.replicas))
+            out.append(replica_hit_rate(one, many, results.routers[name].replicas))
     return out
 
 

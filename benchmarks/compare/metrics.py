@@ -1,4 +1,5 @@
-"""Per-cell figures (one router x one workload x one rate) and the CPU accounting.
+"""Per-cell figures (one router x one workload x one rate), the CPU accounting, and what
+a router's own /metrics page says.
 
 Latencies the client measured on the wall clock are converted to fleet time (x the time
 scale), like the pods' own timings. The path through the router (client send -> pod
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,3 +123,35 @@ def ttft_values(samples: Sequence[Sample], time_scale: float) -> list[float]:
     """Every answered request's TTFT in fleet seconds (for the CDF plot)."""
     return sorted((s.first_token - s.sent) * time_scale for s in samples
                   if s.ok and s.first_token is not None)
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    """A /metrics page as text."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return str(resp.read().decode())
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The sum of every series of the metric ``name`` in a Prometheus text page."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def picks_counted(metrics_text: str) -> float:
+    """The sum of an EPP's ``epp_endpoint_picks_total`` series (its primary picks)."""
+    return metric_sum(metrics_text, "epp_endpoint_picks_total")
+
+
+def sync_messages(metrics_text: str) -> tuple[float, float]:
+    """An EPP's replica-sync messages (every kind): sent, and received from peers."""
+    return (metric_sum(metrics_text, "epp_replica_sync_messages_sent_total"),
+            metric_sum(metrics_text, "epp_replica_sync_messages_received_total"))
+
+
+def sync_state(metrics_text: str) -> tuple[bool, int]:
+    """Whether an EPP's replica sync is connected, and how many peers it hears."""
+    return (metric_sum(metrics_text, "epp_replica_sync_connected") >= 1,
+            int(metric_sum(metrics_text, "epp_replica_sync_peers")))

@@ -80,6 +80,10 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=replica_count, nargs="+", default=[1], metavar="N",
                    help="run every selected EPP router once per count, as N EPP replicas "
                    "behind one Envoy (rows 'epp default', 'epp default ×2', ...; default 1)")
+    p.add_argument("--replica-sync", action="store_true",
+                   help="also run every EPP router of more than one replica with its "
+                   "replicas sharing routing over NATS ('epp default ×2 sync'; starts one "
+                   "nats-server; needs a --replicas count above 1)")
     p.add_argument("--workloads", nargs="*", default=None, metavar="NAME",
                    help="only these workloads (shared-prefix, multi-turn, no-sharing)")
     p.add_argument("--rates", type=float, nargs="*", default=None,
@@ -117,8 +121,10 @@ def parse_args(argv: Sequence[str] | None, description: str = "") -> Options:
             for w in plan.workloads))
     if args.time_scale is not None:
         plan = dataclasses.replace(plan, time_scale=args.time_scale)
+    if args.replica_sync and max(args.replicas) < 2:
+        p.error("--replica-sync: needs a --replicas count above 1 (e.g. --replicas 1 2)")
     routers = with_replicas(all_routers(variants=True, configs=args.epp_config),
-                            args.replicas)
+                            args.replicas, sync=args.replica_sync)
     try:
         chosen = select(routers, args.routers,
                         exact_only=() if plan.variants else variant_names(),

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from benchmarks.compare.goals import SHARED, find_cell, goals, headline
+from benchmarks.compare.goals import SHARED, find_cell, goals, headline, replica_pairs
 from benchmarks.compare.plan import Plan
 from benchmarks.compare.routers import PEER_NOTES, EppRouter, Router, slug
 from benchmarks.compare.run import Results
@@ -116,6 +116,14 @@ def notes(results: Results) -> list[str]:
             "pod's KV events (so each builds the whole index), behind one Envoy whose "
             "ext_proc cluster round-robins the streams (one per request) over them; their "
             "router CPU and idle background are Envoy + all N EPPs.")
+    if any(info.replica_sync for info in results.routers.values()):
+        out.append(
+            "- ×N sync rows: the same N replicas, also sharing their pending picks and "
+            "in-flight load over NATS (`--replica-sync-url` to one `nats-server` on "
+            "loopback for the whole run, `--replica-sync-subject` of the row's own, so rows "
+            "never hear each other); traffic starts once every replica is connected and "
+            "hears the others; their router CPU and idle background also count the "
+            "nats-server.")
     for name, note in results.notes.items():
         out.append(f"- {name}: {note}.")
     for name, reason in results.skipped.items():
@@ -191,10 +199,13 @@ def render_report(results: Results, routers: Sequence[Router], date: str,
                       ""] + sweep
     lines += inference_perf_section(results)
     lead = headline(results)
+    pairs = replica_pairs(results)
+    replicas = "" if not pairs else (" (c) on " + ", ".join(
+        f"{many} against {one}" for many, one in pairs) + ".")
     lines += ["", "## Goals", "",
               (f"Checked on the headline row, **{lead or HEADLINE_MISSING}**; peers are every "
                "vllm-router and sglang-router policy that ran; each workload at its headline "
-               "rate."), "",
+               f"rate.{replicas}"), "",
               "| goal | result | numbers |", "|---|---|---|"]
     for goal in goals(results):
         lines.append(f"| {goal.goal} | **{goal.verdict}** | {goal.numbers} |")

@@ -4,7 +4,9 @@
   with KV events (the headline, "epp default"), the built-in default without them
   (approximate), load-only, random, any config file given on the command line
   (``epp NAME``) and, in the full plan, ``deploy/local/epp-config.yaml`` (precise with a
-  local tokenizer); each can run as N replicas behind one Envoy ("epp default ×2");
+  local tokenizer); each can run as N replicas behind one Envoy ("epp default ×2"), and
+  with ``--replica-sync`` also as N replicas sharing routing over NATS ("epp default ×2
+  sync", see ``replica_sync``);
 - Envoy round-robin (no picker);
 - ``vllm-router`` (``round_robin``, ``cache_aware``, ``kv_aware`` fed by the pods' KV
   events) and ``sglang-router`` (``cache_aware``), from the peers' venv;
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
 import shutil
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,13 @@ from typing import Any
 import yaml
 
 from benchmarks.compare.fleet import MODEL, Fleet
+from benchmarks.compare.metrics import picks_counted, scrape, sync_messages
+from benchmarks.compare.replica_sync import (
+    NatsServer,
+    missing_for_sync,
+    row_subject,
+    wait_synced,
+)
 from epp.config.picker_config import DEFAULT_CONFIG, DEFAULT_PRECISE_CONFIG
 from epp.devtools import envoy as envoy_cfg
 from epp.devtools.procs import (
@@ -131,7 +140,8 @@ class Router:
 class EppRouter(Router):
     """Envoy with ext_proc + ``replicas`` EPP processes with one scheduling configuration
     (Envoy round-robins the ext_proc streams over the replicas; every replica subscribes
-    to every pod's KV events)."""
+    to every pod's KV events). With ``replica_sync`` the replicas also share pending picks
+    and in-flight load over ``sync_server``, on a subject of this instance's own."""
 
     config_text: str | None = None  # None (and no file): the built-in default
     config_file: Path | None = None
@@ -139,6 +149,9 @@ class EppRouter(Router):
     replicas: int = 1
     base_name: str = ""  # the name without the replica count
     metrics_urls: list[str] = field(default_factory=list)  # one per running replica
+    replica_sync: bool = False  # --replica-sync-url to every replica
+    sync_server: NatsServer | None = field(default=None, repr=False, compare=False)
+    sync_subject: str = ""  # set at start: one per started instance
 
     def __post_init__(self) -> None:
         if not self.base_name:
@@ -157,16 +170,49 @@ class EppRouter(Router):
             return self.config_text
         return DEFAULT_PRECISE_CONFIG if self.uses_kv_events else DEFAULT_CONFIG
 
-    def with_replicas(self, count: int) -> EppRouter:
-        """This router as ``count`` replicas, named with the count when it is not 1."""
+    def with_replicas(self, count: int, sync: bool = False) -> EppRouter:
+        """This router as ``count`` replicas, named with the count when it is not 1 and
+        with ``sync`` when they share routing over NATS (only for 2 or more)."""
         if count < 1:
             raise ValueError(f"replicas must be ≥ 1, not {count}")
-        name = self.base_name if count == 1 else f"{self.base_name} ×{count}"
+        if sync and count < 2:
+            raise ValueError("replica sync needs at least 2 replicas")
+        name = replica_row_name(self.base_name, count, sync)
         description = self.description if count == 1 else (
             f"{self.description}; {count} EPP replicas behind one Envoy (round-robin per "
             "request), each subscribed to every pod's KV events")
+        if sync:
+            description += ("; sharing pending picks and in-flight load over NATS "
+                            "(--replica-sync-url to one nats-server, a subject per row)")
         return dataclasses.replace(self, name=name, description=description, replicas=count,
-                                   processes=[], url=None, metrics_urls=[])
+                                   replica_sync=sync, processes=[], url=None,
+                                   metrics_urls=[], sync_subject="")
+
+    def available(self) -> str | None:
+        return missing_for_sync() if self.replica_sync else None
+
+    def sync_args(self) -> list[str]:
+        """The replica-sync flags every replica of this instance runs with (none without
+        ``replica_sync``)."""
+        if not self.replica_sync:
+            return []
+        if self.sync_server is None or not self.sync_subject:
+            raise RuntimeError(f"{self.name}: no NATS server or subject to sync over")
+        return ["--replica-sync-url", self.sync_server.url,
+                "--replica-sync-subject", self.sync_subject]
+
+    def pids(self) -> list[int]:
+        """Envoy and the replicas, and for a synced row the NATS server too (the rows
+        run one at a time, so what it spends during a row is that row's)."""
+        pids = super().pids()
+        server = self.sync_server
+        if self.replica_sync and server is not None and server.pid is not None:
+            pids.append(server.pid)
+        return pids
+
+    def alive(self) -> bool:
+        return super().alive() and (not self.replica_sync or (
+            self.sync_server is not None and self.sync_server.alive()))
 
     def start(self, fleet: Fleet, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +231,11 @@ class EppRouter(Router):
             path = work_dir / "epp-config.yaml"
             path.write_text(self.config_text, encoding="utf-8")
             config = ["--config-file", str(path)]
+        if self.replica_sync:
+            if self.sync_server is None:
+                raise RuntimeError(f"{self.name}: no NATS server to sync over")
+            self.sync_server.ensure_running()
+            self.sync_subject = row_subject(slug(self.name), secrets.token_hex(4))
         grpc_ports: list[int] = []
         for replica in range(self.replicas):
             grpc, health, metrics = free_port(), free_port(), free_port()
@@ -194,12 +245,15 @@ class EppRouter(Router):
                 "--metrics-port", str(metrics), *config, *EPP_ARGS,
                 "--seed", str(EPP_SEED + replica),
                 "--metrics-scrape-interval", f"{EPP_SCRAPE_INTERVAL_S / fleet.time_scale:g}",
-                "--metrics-staleness-threshold", f"{EPP_STALE_AFTER_S / fleet.time_scale:g}"),
+                "--metrics-staleness-threshold", f"{EPP_STALE_AFTER_S / fleet.time_scale:g}",
+                *self.sync_args()),
                 work_dir)
             self.processes.append(epp)
             grpc_ports.append(grpc)
             self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
             epp.wait_for_http(self.metrics_urls[-1], timeout=START_TIMEOUT_S)
+        if self.replica_sync:
+            wait_synced(self.metrics_urls)
         listen, admin = free_port(), free_port()
         envoy_path = envoy_cfg.write_config(envoy_cfg.epp_config(listen, grpc_ports, admin),
                                             work_dir / "envoy.yaml")
@@ -209,33 +263,39 @@ class EppRouter(Router):
         time.sleep(SUBSCRIBE_GRACE_S)
 
     def stop(self) -> None:
-        super().stop()
+        super().stop()  # the NATS server is the run's: it outlives the row
         self.metrics_urls = []
 
     def diagnostics(self) -> str | None:
         """With replicas: how many requests each one scheduled (its pick counter), which
-        shows Envoy spread the streams over all of them."""
+        shows Envoy spread the streams over all of them; synced, the NATS messages each
+        one sent and received."""
         if self.replicas < 2:
             return None
-        counts = []
+        counts, messages = [], []
         for url in self.metrics_urls:
             try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    text = resp.read().decode()
+                text = scrape(url)
             except OSError as exc:
                 counts.append(f"? ({type(exc).__name__})")
+                messages.append("?")
                 continue
             counts.append(f"{picks_counted(text):.0f}")
-        return f"requests scheduled per replica over the whole run: {' / '.join(counts)}"
+            sent, received = sync_messages(text)
+            messages.append(f"{sent:.0f}/{received:.0f}")
+        note = f"requests scheduled per replica over the whole run: {' / '.join(counts)}"
+        if self.replica_sync:
+            note += ("; replica-sync messages sent/received per replica: "
+                     f"{' · '.join(messages)}")
+        return note
 
 
-def picks_counted(metrics_text: str) -> float:
-    """The sum of an EPP's ``epp_endpoint_picks_total`` series (its primary picks)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith("epp_endpoint_picks_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def replica_row_name(base: str, count: int, sync: bool = False) -> str:
+    """A row's name: ``epp default``, ``epp default ×2``, ``epp default ×2 sync``."""
+    name = base if count == 1 else f"{base} ×{count}"
+    return f"{name} sync" if sync else name
+
+
 
 
 @dataclass
@@ -470,15 +530,20 @@ def variant_names() -> list[str]:
             {o.name for o in all_routers()}]
 
 
-def with_replicas(routers: Sequence[Router], counts: Sequence[int]) -> list[Router]:
+def with_replicas(routers: Sequence[Router], counts: Sequence[int],
+                  sync: bool = False) -> list[Router]:
     """Every EPP router once per replica count (``epp default``, ``epp default ×2``, ...,
-    side by side); the others once."""
+    side by side), with ``sync`` each count above 1 also synced right after it (``epp
+    default ×2 sync``); the others once."""
     out: list[Router] = []
     for router in routers:
-        if isinstance(router, EppRouter):
-            out += [router.with_replicas(n) for n in dict.fromkeys(counts)]
-        else:
+        if not isinstance(router, EppRouter):
             out.append(router)
+            continue
+        for n in dict.fromkeys(counts):
+            out.append(router.with_replicas(n))
+            if sync and n > 1:
+                out.append(router.with_replicas(n, sync=True))
     return out
 
 

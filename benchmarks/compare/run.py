@@ -1,5 +1,6 @@
 """Runs a plan: one fleet, every router in turn, every workload and rate on each, with the
-pods' caches reset (and idle) before every cell."""
+pods' caches reset (and idle) before every cell; with synced rows, one NATS server for
+the whole run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from benchmarks.compare.client import Sample, run_schedule
 from benchmarks.compare.fleet import Fleet, Oracle
 from benchmarks.compare.metrics import Cell, process_tree_cpu_s, summarize, ttft_values
 from benchmarks.compare.plan import Plan
+from benchmarks.compare.replica_sync import NatsServer
 from benchmarks.compare.routers import HEADLINE, EppRouter, OracleRouter, Router, slug
 from benchmarks.workloads import (
     BenchRequest,
@@ -49,12 +51,13 @@ class RouterInfo:
     replicas: int  # EPP processes (0: not an EPP)
     config: str  # which configuration it ran ("—": not an EPP)
     kv_events: bool = False  # fed by the pods' KV events
+    replica_sync: bool = False  # the replicas shared routing over NATS
 
     @staticmethod
     def of(router: Router) -> RouterInfo:
         if isinstance(router, EppRouter):
             return RouterInfo(router.base_name, router.replicas, router.config_label,
-                              router.uses_kv_events)
+                              router.uses_kv_events, router.replica_sync)
         return RouterInfo(router.name, 0, router.config_label, router.uses_kv_events)
 
 
@@ -134,18 +137,23 @@ def run_plan(plan: Plan, routers: Sequence[Router], work_dir: Path, raw_dir: Pat
                       routers={r.name: RouterInfo.of(r) for r in routers})
     raw_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    _say(f"starting {plan.pods} pods ({profile.name}, time scale {plan.time_scale:g}) ...")
-    fleet.start()
-    try:
+    # Started by the first synced row, stopped however the run ends (Ctrl-C included).
+    with NatsServer(work_dir / "nats") as nats:
         for router in routers:
-            reason = router.available()
-            if reason is not None:
-                _say(f"skipping {router.name}: {reason}")
-                results.skipped[router.name] = reason
-                continue
-            _run_router(router, fleet, schedules, results, work_dir, raw_dir)
-    finally:
-        fleet.stop()
+            if isinstance(router, EppRouter) and router.replica_sync:
+                router.sync_server = nats
+        _say(f"starting {plan.pods} pods ({profile.name}, time scale {plan.time_scale:g}) ...")
+        fleet.start()
+        try:
+            for router in routers:
+                reason = router.available()
+                if reason is not None:
+                    _say(f"skipping {router.name}: {reason}")
+                    results.skipped[router.name] = reason
+                    continue
+                _run_router(router, fleet, schedules, results, work_dir, raw_dir)
+        finally:
+            fleet.stop()
     results.wall_s = time.monotonic() - started
     return results
 

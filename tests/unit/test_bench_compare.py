@@ -1,5 +1,5 @@
-"""The comparison benchmark's command line (routers, --epp-config, --replicas) and its
-goal arithmetic, without starting a process."""
+"""The comparison benchmark's command line (routers, --epp-config, --replicas,
+--replica-sync) and its goal arithmetic, without starting a process."""
 
 from __future__ import annotations
 
@@ -12,19 +12,29 @@ from benchmarks.compare.goals import (
     Goal,
     goals,
     replica_hit_rate,
+    replica_pairs,
     versus_best_peer,
 )
-from benchmarks.compare.metrics import Cell
+from benchmarks.compare.metrics import (
+    Cell,
+    metric_sum,
+    picks_counted,
+    sync_messages,
+    sync_state,
+)
 from benchmarks.compare.options import parse_args
 from benchmarks.compare.plan import SHORT
+from benchmarks.compare.replica_sync import NatsServer, row_subject
+from benchmarks.compare.report import notes
 from benchmarks.compare.routers import (
     HEADLINE,
     EppRouter,
     describe_config,
-    picks_counted,
+    replica_row_name,
     slug,
 )
 from benchmarks.compare.run import Results, RouterInfo
+from epp.replicasync.settings import check_subject
 
 STICKY = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -107,6 +117,89 @@ def test_replicas_alone_rename_the_rows() -> None:
     assert names(["--routers", "epp default", "--replicas", "3"]) == ["epp default ×3"]
 
 
+def test_replica_sync_adds_a_synced_row_after_each_count_above_one(sticky: Path) -> None:
+    routers = parse_args(["--routers", "epp default", "oracle", "--epp-config",
+                          f"sticky={sticky}", "--replicas", "1", "2", "3",
+                          "--replica-sync"]).routers
+    assert [r.name for r in routers] == [
+        "epp default", "epp default ×2", "epp default ×2 sync", "epp default ×3",
+        "epp default ×3 sync", "epp sticky", "epp sticky ×2", "epp sticky ×2 sync",
+        "epp sticky ×3", "epp sticky ×3 sync", "oracle"]
+    epp = {r.name: r for r in routers if isinstance(r, EppRouter)}
+    assert [n for n, r in epp.items() if r.replica_sync] == [
+        "epp default ×2 sync", "epp default ×3 sync", "epp sticky ×2 sync",
+        "epp sticky ×3 sync"]
+    synced = epp["epp default ×2 sync"]
+    assert (synced.replicas, synced.base_name) == (2, "epp default")
+    assert synced.uses_kv_events and synced.config_file is None
+    assert "over NATS" in synced.description
+    assert "NATS" not in epp["epp default ×2"].description
+    assert synced.processes is not epp["epp default ×2"].processes
+
+
+def test_without_replica_sync_no_row_syncs() -> None:
+    routers = parse_args(["--routers", "epp", "--replicas", "1", "2"]).routers
+    assert not any(isinstance(r, EppRouter) and r.replica_sync for r in routers)
+    assert not any(r.name.endswith("sync") for r in routers)
+
+
+def test_replica_sync_alone_syncs_the_only_count() -> None:
+    assert names(["--routers", "epp default", "--replicas", "2", "--replica-sync"]) == [
+        "epp default ×2", "epp default ×2 sync"]
+
+
+def test_row_names_and_a_single_replica_cannot_sync() -> None:
+    assert replica_row_name(HEADLINE, 1) == "epp default"
+    assert replica_row_name(HEADLINE, 2) == "epp default ×2"
+    assert replica_row_name(HEADLINE, 2, sync=True) == "epp default ×2 sync"
+    lead = parse_args(["--routers", "epp default"]).routers[0]
+    assert isinstance(lead, EppRouter)
+    with pytest.raises(ValueError):
+        lead.with_replicas(1, sync=True)
+    assert lead.with_replicas(4, sync=True).name == "epp default ×4 sync"
+
+
+class _RunningNats(NatsServer):
+    """A NATS server as a row sees it once started (no process here)."""
+
+    @property
+    def pid(self) -> int | None:
+        return 4321
+
+    def alive(self) -> bool:
+        return True
+
+
+def test_synced_replicas_get_the_server_url_and_the_rows_own_subject(tmp_path: Path) -> None:
+    routers = parse_args(["--routers", "epp default", "--replicas", "2", "3",
+                          "--replica-sync"]).routers
+    plain, two, three = (r for r in routers if isinstance(r, EppRouter)
+                         and r.name in ("epp default ×2", "epp default ×2 sync",
+                                        "epp default ×3 sync"))
+    assert plain.sync_args() == []
+    with pytest.raises(RuntimeError):
+        two.sync_args()  # no server given: a synced row never runs unsynced
+    server = _RunningNats(tmp_path)
+    server.port = 14222
+    for row in (two, three):
+        row.sync_server = server
+        row.sync_subject = row_subject(slug(row.name), "0a1b2c3d")
+    assert two.sync_args() == ["--replica-sync-url", "nats://127.0.0.1:14222",
+                               "--replica-sync-subject", "epp-bench.epp-default-x2-sync.0a1b2c3d"]
+    assert two.sync_subject != three.sync_subject
+    # The NATS server's CPU is the synced row's; a row without sync never counts it.
+    assert two.pids() == [4321]
+    plain.sync_server = server
+    assert plain.pids() == []
+
+
+def test_row_subjects_are_publishable_nats_subjects() -> None:
+    subject = row_subject(slug("epp sticky.v2 ×2 sync"), "ff00")
+    assert subject == "epp-bench.epp-sticky_v2-x2-sync.ff00"
+    assert check_subject(subject) == subject
+    assert row_subject(slug("epp a ×2 sync"), "1") != row_subject(slug("epp a ×2 sync"), "2")
+
+
 @pytest.mark.parametrize("argv", [
     ["--epp-config", "sticky"],  # no path
     ["--epp-config", "=x.yaml"],  # no name
@@ -115,6 +208,8 @@ def test_replicas_alone_rename_the_rows() -> None:
     ["--epp-config", "sticky=/nonexistent/sticky.yaml"],
     ["--replicas", "0"],
     ["--replicas", "two"],
+    ["--replica-sync"],  # one replica: nothing to sync
+    ["--replica-sync", "--replicas", "1", "1"],
     ["--routers", "no-such-router"],
     ["--workloads", "no-such-workload"],
 ])
@@ -145,10 +240,34 @@ def test_describe_config_names_plugins_weights_and_parameters() -> None:
 
 def test_slug_and_pick_counter() -> None:
     assert slug("epp default ×2") == "epp-default-x2"
+    assert slug("epp default ×2 sync") == "epp-default-x2-sync"
     assert slug("vllm-router cache_aware") == "vllm-router-cache_aware"
     text = ("# HELP epp_endpoint_picks_total x\nepp_endpoint_picks_total{endpoint=\"a\"} 3.0\n"
             "epp_endpoint_picks_total{endpoint=\"b\"} 4.0\nepp_endpoint_picks_created 1.0\n")
     assert picks_counted(text) == 7.0
+
+
+SYNC_METRICS = """\
+# TYPE epp_replica_sync_messages_sent counter
+epp_replica_sync_messages_sent_total{kind="route"} 40.0
+epp_replica_sync_messages_sent_total{kind="done"} 38.0
+epp_replica_sync_messages_sent_total{kind="beat"} 2.0
+epp_replica_sync_messages_sent_created{kind="route"} 1.7e+09
+epp_replica_sync_messages_received_total{kind="route"} 41.0
+epp_replica_sync_messages_received_total{kind="done"} 39.0
+epp_replica_sync_connected 1.0
+epp_replica_sync_peers 2.0
+epp_replica_sync_peer_entries 5.0
+"""
+
+
+def test_sync_messages_and_state_from_a_replicas_metrics() -> None:
+    assert sync_messages(SYNC_METRICS) == (80.0, 80.0)
+    assert sync_state(SYNC_METRICS) == (True, 2)
+    assert sync_state("epp_replica_sync_connected 0.0\n") == (False, 0)
+    # A name is matched whole: _peers is not _peer_entries, _total not _created.
+    assert metric_sum(SYNC_METRICS, "epp_replica_sync_peer") == 0.0
+    assert metric_sum(SYNC_METRICS, "epp_replica_sync_peers") == 2.0
 
 
 # --- goal arithmetic -------------------------------------------------------------------
@@ -172,6 +291,8 @@ def make_results(cells: list[Cell], routers: dict[str, RouterInfo]) -> Results:
 
 EPP = RouterInfo(HEADLINE, 1, "built-in default (kvEvents)", kv_events=True)
 EPP2 = RouterInfo(HEADLINE, 2, "built-in default (kvEvents)", kv_events=True)
+EPP2_SYNC = RouterInfo(HEADLINE, 2, "built-in default (kvEvents)", kv_events=True,
+                       replica_sync=True)
 PEER = RouterInfo("peer", 0, "—")
 
 
@@ -245,3 +366,36 @@ def test_the_headline_is_the_fewest_replicas_that_ran() -> None:
     assert make_results([], {HEADLINE: EPP}).headline() is None
     missing = goals(make_results([], {}))
     assert {g.verdict for g in missing} == {"n/a"}
+
+
+def test_the_replica_goal_is_checked_on_synced_rows_too_and_names_them() -> None:
+    x2, synced = f"{HEADLINE} ×2", f"{HEADLINE} ×2 sync"
+    results = make_results([
+        make_cell(HEADLINE, "shared-prefix", 3.0, hit=0.70),
+        make_cell(x2, "shared-prefix", 3.0, hit=0.60),
+        make_cell(synced, "shared-prefix", 3.0, hit=0.69),
+    ], {HEADLINE: EPP, x2: EPP2, synced: EPP2_SYNC})
+    assert replica_pairs(results) == [(x2, HEADLINE), (synced, HEADLINE)]
+    replica = [g for g in goals(results) if g.goal.startswith("(c)")]
+    assert [(g.goal, g.verdict) for g in replica] == [
+        (f"(c) {x2}: shared-prefix hit rate within 3% of ×1's ({HEADLINE})", "MISS"),
+        (f"(c) {synced}: shared-prefix hit rate within 3% of ×1's ({HEADLINE})", "PASS")]
+    assert results.headline() == HEADLINE  # a synced row never takes the headline
+
+
+def test_a_synced_row_that_did_not_run_is_not_checked() -> None:
+    synced = f"{HEADLINE} ×2 sync"
+    results = make_results([make_cell(HEADLINE, "shared-prefix", 3.0, hit=0.70)],
+                           {HEADLINE: EPP, synced: EPP2_SYNC})
+    assert replica_pairs(results) == []
+    assert [g.verdict for g in goals(results) if g.goal.startswith("(c)")] == ["n/a"]
+
+
+def test_notes_explain_synced_rows_only_when_one_ran() -> None:
+    x2, synced = f"{HEADLINE} ×2", f"{HEADLINE} ×2 sync"
+    plain = make_results([], {HEADLINE: EPP, x2: EPP2})
+    with_sync = make_results([], {HEADLINE: EPP, x2: EPP2, synced: EPP2_SYNC})
+    assert not any("sync rows" in line for line in notes(plain))
+    assert any("sync rows" in line and "nats-server" in line for line in notes(with_sync))
+    assert RouterInfo.of(parse_args(["--routers", "epp default", "--replicas", "2",
+                                     "--replica-sync"]).routers[1]).replica_sync
