@@ -6,9 +6,12 @@ import pytest
 
 from epp.config import ConfigError
 from epp.config.picker_config import load_picker_config
+from epp.scheduling.plugins.affinity import PrefixCacheAffinityFilter
+from epp.scheduling.plugins.nohitlru import NoHitLRUScorer
 from epp.scheduling.plugins.pickers import MaxScorePicker
 from epp.scheduling.plugins.prefix import PrecisePrefixCacheScorer, PrefixCacheScorer
 from epp.scheduling.plugins.scorers import KVCacheUtilizationScorer, QueueScorer
+from epp.scheduling.plugins.tokenload import TokenLoadScorer
 
 
 def test_builtin_default_profile() -> None:
@@ -17,10 +20,13 @@ def test_builtin_default_profile() -> None:
     assert [(type(w.scorer), w.weight) for w in profile.scorers] == [
         (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0), (PrefixCacheScorer, 3.0)]
     assert isinstance(profile.picker, MaxScorePicker)
+    # With KV events: sticky until saturated over the precise match, new prefixes in turn.
     precise = load_picker_config(kv_events=True).scheduler.profiles["default"]
+    assert [type(f) for f in precise.filters] == [PrefixCacheAffinityFilter]
     assert [(type(w.scorer), w.weight) for w in precise.scorers] == [
-        (QueueScorer, 2.0), (KVCacheUtilizationScorer, 2.0), (PrecisePrefixCacheScorer, 6.0)]
+        (TokenLoadScorer, 1.0), (NoHitLRUScorer, 1.0), (PrecisePrefixCacheScorer, 0.0)]
     assert precise.scorers[2].scorer.kv_settings.tokenizer_mode == "render"
+    assert precise.scorers[2].scorer.kv_settings.pending_picks
     assert cfg.saturation.queue_depth_threshold == 5
     assert cfg.saturation.kv_cache_util_threshold == 0.8
 
