@@ -27,6 +27,7 @@ from pathlib import Path
 
 from benchmarks.compare.options import epp_config_arg, replica_count
 from benchmarks.vllm_routing.report import Setup, render
+from benchmarks.compare.replica_sync import NatsServer, missing_for_sync
 from benchmarks.vllm_routing.routers import Router, all_routers
 from benchmarks.vllm_routing.run import log, run_cells, start_fleet
 from benchmarks.vllm_routing.workload import WORKLOADS, Shape, build
@@ -70,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_counts, nargs="+", default=[[1]], metavar="N[,N]",
                    help="run every EPP router once per count, as N replicas behind one "
                    "Envoy (e.g. --replicas 1,2; default 1)")
+    p.add_argument("--replica-sync", action="store_true",
+                   help="also run every replica count above 1 with the replicas sharing "
+                   "pending picks and in-flight load over a NATS server the benchmark "
+                   "starts (rows '... ×N sync')")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--concurrency", type=_counts, default=[1, 4], metavar="C[,C]",
                    help="client concurrency levels (default 1,4)")
@@ -125,12 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     shape = shape_from(args)
     replicas = sorted({n for group in args.replicas for n in group})
-    routers = select(all_routers(args.epp_config, replicas, shape.tenants), args.routers)
+    if args.replica_sync and max(replicas) < 2:
+        raise SystemExit("--replica-sync needs a replica count above 1 (--replicas 1,2)")
+    if args.replica_sync and (why := missing_for_sync()) is not None:
+        raise SystemExit(f"--replica-sync: {why}")
+    work = Path(tempfile.mkdtemp(prefix="epp-bench-vllm-"))
+    nats = NatsServer(work) if args.replica_sync else None
+    routers = select(all_routers(args.epp_config, replicas, shape.tenants, nats),
+                     args.routers)
     today = dt.date.today().isoformat()
     out = args.output or RESULTS_DIR / f"vllm-routing-{today}{'-quick' if args.quick else ''}.md"
     command = shlex.join(["python", "-m", "benchmarks.vllm_routing",
                           *(sys.argv[1:] if argv is None else argv)])
-    work = Path(tempfile.mkdtemp(prefix="epp-bench-vllm-"))
     log(f"work directory {work}")
     fleet = None
     try:
@@ -139,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads = [build(name, shape, words) for name in args.workloads]
         results = run_cells(fleet, workloads, args.concurrency, routers, shape, words, work)
     finally:
+        if nats is not None:
+            nats.stop()
         if fleet is not None:
             fleet.stop()
         if not args.keep_logs:

@@ -108,16 +108,19 @@ def goal_rows(results: Results, concurrency: Sequence[int]) -> list[str]:
             f"{wrong:.0f} of {checked:.0f} ({_pct(wrong / checked)}) over all cells; worst "
             f"cell {_pct(worst.mispredicted_share)} ({worst.workload} c={worst.concurrency} "
             f"{worst.router})")
-    counts = sorted({int(c.router.rsplit("×", 1)[1]) for c in cells
-                     if c.router.startswith(HEADLINE + " ×")})
-    for n in counts:
+    variants = sorted({c.router[len(HEADLINE) + 2:] for c in cells
+                       if c.router.startswith(HEADLINE + " ×")})  # "2", "2 sync", ...
+    for variant in variants:
+        label = f"{HEADLINE} ×{variant}"
         pairs = [(one, many) for one in cells if one.router == HEADLINE
-                 for many in [_find(cells, f"{HEADLINE} ×{n}", one.workload, one.concurrency)]
+                 for many in [_find(cells, label, one.workload, one.concurrency)]
                  if many is not None]
         ratios = [(many.hit_rate / one.hit_rate, one) for one, many in pairs
                   if one.hit_rate > 0 and not math.isnan(many.hit_rate)]
         worst_ratio = max(ratios, key=lambda r: abs(r[0] - 1), default=None)
-        row(f"{n} replicas: hit rate within {REPLICA_TOLERANCE:.0%} of 1 replica (every cell)",
+        count, _, how = variant.partition(" ")
+        row(f"{count} replicas{' (' + how + ')' if how else ''}: hit rate within "
+            f"{REPLICA_TOLERANCE:.0%} of 1 replica (every cell)",
             None if worst_ratio is None else abs(worst_ratio[0] - 1) <= REPLICA_TOLERANCE,
             "not run" if worst_ratio is None else (
                 f"worst {worst_ratio[0]:.3f}× ({worst_ratio[1].workload} "

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import yaml
 
 from benchmarks.vllm_routing.measure import IndexCheck, parse_metrics
 from benchmarks.vllm_routing.workload import BenchRequest, pin_tenants
+from benchmarks.compare.replica_sync import NatsServer, row_subject, wait_synced
 from epp.devtools import envoy as envoy_cfg
 from epp.devtools.procs import Process, free_port, python_module, wait_for_http
 from tests.vllm.servers import VLLMServer
@@ -67,6 +69,8 @@ class EppRouter(Router):
 
     config_file: Path | None = None
     replicas: int = 1
+    # Replicas share pending picks and in-flight load over this NATS server (None: not).
+    nats: NatsServer | None = None
     processes: list[Process] = field(default_factory=list)
     metrics_urls: list[str] = field(default_factory=list)
     url: str = ""
@@ -79,6 +83,11 @@ class EppRouter(Router):
             {"name": f"vllm-{s.index}", "address": s.address, "kvEvents": s.kv_endpoint}
             for s in servers]}), encoding="utf-8")
         config = [] if self.config_file is None else ["--config-file", str(self.config_file)]
+        if self.nats is not None:
+            config += ["--replica-sync-url", self.nats.ensure_running().url,
+                       "--replica-sync-subject",
+                       row_subject(self.name.replace(" ", "-").replace("×", "x"),
+                                   secrets.token_hex(4))]
         grpc_ports = []
         try:
             for replica in range(self.replicas):
@@ -93,6 +102,8 @@ class EppRouter(Router):
                 self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
             for epp, url in zip(self.processes, self.metrics_urls, strict=True):
                 epp.wait_for_http(url, timeout=START_TIMEOUT_S)
+            if self.nats is not None:
+                wait_synced(self.metrics_urls)
             listen, admin = free_port(), free_port()
             config_doc = envoy_cfg.epp_config(listen, grpc_ports, admin)
             _name_upstream(config_doc)
@@ -157,8 +168,10 @@ class Pinned(Router):
         return self.servers[i].url, i
 
 
-def epp_routers(configs: Sequence[tuple[str, Path]], replicas: Sequence[int]) -> list[EppRouter]:
-    """The built-in default and every given config, each at every replica count."""
+def epp_routers(configs: Sequence[tuple[str, Path]], replicas: Sequence[int],
+                nats: NatsServer | None = None) -> list[EppRouter]:
+    """The built-in default and every given config, each at every replica count; with
+    ``nats``, every count above 1 also as replicas that share their routing over it."""
     out = []
     for name, path in [("default", None), *configs]:
         source = "built-in default (no config file)" if path is None else f"--config-file {path}"
@@ -167,14 +180,18 @@ def epp_routers(configs: Sequence[tuple[str, Path]], replicas: Sequence[int]) ->
             more = "" if count == 1 else f"; {count} EPP replicas behind one Envoy"
             out.append(EppRouter(label, f"Envoy + EPP, {source}{more}", config_file=path,
                                  replicas=count))
+            if nats is not None and count > 1:
+                out.append(EppRouter(f"{label} sync", f"Envoy + EPP, {source}{more}, "
+                                     "sharing pending picks and in-flight load over NATS",
+                                     config_file=path, replicas=count, nats=nats))
     return out
 
 
 def all_routers(configs: Sequence[tuple[str, Path]], replicas: Sequence[int],
-                tenants: int) -> list[Router]:
+                tenants: int, nats: NatsServer | None = None) -> list[Router]:
     """Every router in run order: ours, then round-robin, then the pinned reference."""
     return [
-        *epp_routers(configs, replicas),
+        *epp_routers(configs, replicas, nats),
         RoundRobin("round-robin", "client-side round-robin over the servers, no router"),
         Pinned("pinned", "each tenant pinned to one server (hash order, balanced), no router",
                tenants=tenants),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,22 @@ def test_command_line_shapes() -> None:
 def test_default_cache_holds_two_prompts_and_one_max_length_request() -> None:
     assert default_num_gpu_blocks(32) == 80
     assert default_num_gpu_blocks(10) == 64  # 2,048 tokens / 32
+
+
+def test_synced_replicas_get_their_own_goal_row() -> None:
+    results = Results(80, "0.32.0", 3, SMALL, [1000])
+    results.cells = [
+        _cell("epp default", SINGLE_TURN, 1, 90, index=IndexCheck(100)),
+        _cell("epp default ×2", SINGLE_TURN, 1, 80, index=IndexCheck(100)),
+        _cell("epp default ×2 sync", SINGLE_TURN, 1, 89, index=IndexCheck(100)),
+    ]
+    text = "\n".join(goal_rows(results, [1]))
+    assert "| 2 replicas: hit rate within 3% of 1 replica (every cell) | **MISS** |" in text
+    assert ("| 2 replicas (sync): hit rate within 3% of 1 replica (every cell) | **PASS** |"
+            in text)
+
+
+def test_replica_sync_needs_more_than_one_replica() -> None:
+    from benchmarks.vllm_routing.__main__ import main
+    with pytest.raises(SystemExit, match="replica count above 1"):
+        main(["--replica-sync", "--vllm-python", sys.executable])
