@@ -32,14 +32,10 @@ import yaml
 
 from benchmarks.compare.fleet import MODEL, Fleet
 from benchmarks.compare.metrics import picks_counted, scrape, sync_messages
-from benchmarks.compare.replica_sync import (
-    NatsServer,
-    missing_for_sync,
-    row_subject,
-    wait_synced,
-)
+from benchmarks.compare.replica_sync import missing_for_sync, row_subject, wait_synced
 from epp.config.picker_config import DEFAULT_CONFIG, DEFAULT_PRECISE_CONFIG
 from epp.devtools import envoy as envoy_cfg
+from epp.devtools.nats import NatsServer
 from epp.devtools.procs import (
     REPO_ROOT,
     Process,

@@ -17,7 +17,6 @@ from benchmarks.compare.client import Sample, run_schedule
 from benchmarks.compare.fleet import Fleet, Oracle
 from benchmarks.compare.metrics import Cell, process_tree_cpu_s, summarize, ttft_values
 from benchmarks.compare.plan import Plan
-from benchmarks.compare.replica_sync import NatsServer
 from benchmarks.compare.routers import HEADLINE, EppRouter, OracleRouter, Router, slug
 from benchmarks.workloads import (
     BenchRequest,
@@ -26,6 +25,7 @@ from benchmarks.workloads import (
     kv_demand_tokens,
 )
 from epp.sim.profiles import load_profile
+from epp.devtools.nats import NatsServer
 
 # After a reset, let the AllBlocksCleared events reach event-fed routers.
 RESET_SETTLE_S = 0.3

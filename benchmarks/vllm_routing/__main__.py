@@ -27,12 +27,13 @@ from pathlib import Path
 
 from benchmarks.compare.options import epp_config_arg, replica_count
 from benchmarks.vllm_routing.report import Setup, render
-from benchmarks.compare.replica_sync import NatsServer, missing_for_sync
+from benchmarks.compare.replica_sync import missing_for_sync
 from benchmarks.vllm_routing.routers import Router, all_routers
 from benchmarks.vllm_routing.run import log, run_cells, start_fleet
 from benchmarks.vllm_routing.workload import WORKLOADS, Shape, build
 from epp.devtools.envoy import envoy_version
 from epp.devtools.procs import REPO_ROOT
+from epp.devtools.nats import NatsServer
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 VLLM_PYTHON_ENV = "EPP_VLLM_PYTHON"

@@ -23,8 +23,9 @@ import yaml
 
 from benchmarks.vllm_routing.measure import IndexCheck, parse_metrics
 from benchmarks.vllm_routing.workload import BenchRequest, pin_tenants
-from benchmarks.compare.replica_sync import NatsServer, row_subject, wait_synced
+from benchmarks.compare.replica_sync import row_subject, wait_synced
 from epp.devtools import envoy as envoy_cfg
+from epp.devtools.nats import NatsServer
 from epp.devtools.procs import Process, free_port, python_module, wait_for_http
 from tests.vllm.servers import VLLMServer
 

@@ -37,3 +37,15 @@ def request(url: str, method: str = "GET", body: bytes | dict[str, Any] | None =
 def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
          ) -> Reply:
     return request(url, "POST", body, headers)
+
+
+def metric_samples(port: int) -> dict[str, float]:
+    """Every sample of a ``/metrics`` page on 127.0.0.1, by its name and labels as
+    written (``name{label="value"}``)."""
+    text = request(f"http://127.0.0.1:{port}/metrics").body.decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from epp.devtools.procs import REPO_ROOT
 from epp.devtools.stack import LocalStack, StackPorts
-from tests.integration.httputil import post, request
+from tests.integration.httputil import metric_samples, post
 from tests.integration.test_prefix_routing import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -21,39 +22,14 @@ pytestmark = pytest.mark.integration
 SIBLINGS = 6
 
 
-def metrics(stack: LocalStack) -> dict[str, float]:
-    text = request(f"http://127.0.0.1:{stack.ports.epp_metrics}/metrics").body.decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 @pytest.fixture(scope="module", params=["pending", "no-pending"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, LocalStack]]:
     work: Path = tmp_path_factory.mktemp(f"pending-{request.param}")
     epp_args = ["--kv-events"]  # the built-in default: precise prefix, render tokens
-    if request.param == "no-pending":
-        config = work / "no-pending.yaml"
-        config.write_text("""\
-plugins:
-- type: precise-prefix-cache-scorer
-  parameters: {tokenizer: {mode: render}, pendingPicks: false}
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: precise-prefix-cache-scorer, weight: 6}
-  - {pluginRef: queue-scorer, weight: 2}
-  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
-  - {pluginRef: max-score-picker}
-""", encoding="utf-8")
-        epp_args = ["--config-file", str(config)]
+    if request.param == "no-pending":  # the weighted blend the issue measured, no pending
+        epp_args = ["--config-file", str(REPO_ROOT / "benchmarks" / "configs" /
+                                         "no-pending.yaml")]
     # A slow prefill (~1 s for the ~2,000-token prompt) keeps the first request's
     # BlockStored events from arriving before its siblings are routed.
     s = LocalStack(work, StackPorts.free(3, kv_events=True), envoy_concurrency=1,
@@ -78,7 +54,7 @@ def test_siblings_of_a_new_prefix_follow_the_first_pick(stack: tuple[str, LocalS
     with ThreadPoolExecutor(SIBLINGS) as pool:
         pods = Counter(pool.map(lambda i: ask(s, i), range(SIBLINGS)))
     time.sleep(0.5)  # the last events reach the EPP
-    m = metrics(s)
+    m = metric_samples(s.ports.epp_metrics)
     if mode == "pending":
         assert len(pods) == 1, pods
         assert m["epp_kv_index_pending_total{outcome=\"confirmed\"}"] > 0

@@ -30,8 +30,8 @@ from epp.requestcontrol import director as director_module
 from epp.requestcontrol.director import RequestHandle
 from epp.runner import App, build_app
 from epp.scheduling.plugins.inflight import inflight_tokens
-from tests.integration.httputil import post, request
-from tests.integration.natsserver import NatsServer
+from tests.integration.httputil import metric_samples, post, request
+from epp.devtools.nats import NatsServer
 from tests.integration.test_prometheus import _need as need
 
 pytestmark = pytest.mark.integration
@@ -150,13 +150,7 @@ def end(handle: RequestHandle, status: int = 200) -> None:
 
 
 def metrics(app: App) -> dict[str, float]:
-    text = request(f"http://127.0.0.1:{app.metrics_port}/metrics").body.decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return metric_samples(app.metrics_port)
 
 
 async def scrape(app: App) -> dict[str, float]:

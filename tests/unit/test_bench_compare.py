@@ -24,8 +24,9 @@ from benchmarks.compare.metrics import (
 )
 from benchmarks.compare.options import parse_args
 from benchmarks.compare.plan import SHORT
-from benchmarks.compare.replica_sync import NatsServer, row_subject
+from benchmarks.compare.replica_sync import row_subject
 from benchmarks.compare.report import notes
+from epp.devtools.nats import NatsServer
 from benchmarks.compare.routers import (
     HEADLINE,
     EppRouter,
