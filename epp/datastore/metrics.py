@@ -141,6 +141,9 @@ class EndpointState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     load: EndpointLoad = field(default_factory=EndpointLoad)
     prefill: PrefillRate = field(default_factory=PrefillRate)
+    # time.monotonic() of the last request no pod held any of that another EPP replica
+    # placed here (replica sync; 0.0: none): no-hit-lru-scorer counts it as its own.
+    peer_cold_pick_at: float = 0.0
     scrape_error: str | None = None
     unreachable: str | None = None
     unreachable_since: float = 0.0  # time.monotonic() of the first evidence

@@ -230,8 +230,12 @@ class ReplicaSync:
             load = primary.state.load
             ttl = pending_ttl(load.prefill_tokens + load.peer_prefill_tokens, uncached,
                               primary.state.prefill.tokens_per_s())
+        # No pod held any of it: peers' no-hit-lru-scorer counts the placement.
+        cold = not isinstance(match, PrefixMatch) or not any(
+            m.expected_blocks > 0 for m in match.matches.values())
         request = self._random.getrandbits(64)
-        payload = wire.route(self.replica_id, request, primary.name, keys, ttl, uncached)
+        payload = wire.route(self.replica_id, request, primary.name, keys, ttl, uncached,
+                             cold)
         if self._enqueue("route", payload):
             cycle[SYNC_REQUEST_KEY] = (request, primary.name)
 
@@ -300,6 +304,8 @@ class ReplicaSync:
         if endpoint is None:  # not (or no longer, or not yet) in this replica's pool
             self.stats.dropped["unknown_endpoint"] += 1
             return False
+        if m.cold:
+            endpoint.state.peer_cold_pick_at = now
         picks: tuple[PendingPick, ...] = ()
         if m.keys:
             keys = wire.unpack_keys(m.keys)

@@ -2,10 +2,11 @@
 
 Every message is a msgpack array ``[version, kind, replica, ...]``:
 
-- ``Route``  ``[1, 1, replica, request, endpoint, keys, ttl_s, uncached]``: ``replica``
-  routed request ``request`` (a random 64-bit key) to ``endpoint``; ``keys`` are the
-  block keys it entered as pending there, packed as little-endian uint64s; they and the
-  ``uncached`` prompt tokens it will prefill count for ``ttl_s`` seconds at most.
+- ``Route``  ``[1, 1, replica, request, endpoint, keys, ttl_s, uncached, cold]``:
+  ``replica`` routed request ``request`` (a random 64-bit key) to ``endpoint``; ``keys``
+  are the block keys it entered as pending there, packed as little-endian uint64s; they
+  and the ``uncached`` prompt tokens it will prefill count for ``ttl_s`` seconds at most;
+  ``cold`` (appended, false when absent): no pod held any of the request.
 - ``Done``   ``[1, 2, replica, request, failed]``: that request ended; ``failed``: no
   prefill happened where it was routed (no answer, an error, served elsewhere).
 - ``Beat``   ``[1, 3, replica]``: the replica is alive (sent every few seconds).
@@ -77,6 +78,8 @@ class Route(msgspec.Struct, array_like=True, frozen=True):
     keys: Annotated[bytes, Meta(max_length=MAX_KEYS * KEY_BYTES)]
     ttl_s: Annotated[float, Meta(ge=0.0, le=MAX_TTL_S)]
     uncached: Annotated[int, Meta(ge=0, le=MAX_UNCACHED_TOKENS)]
+    # Appended in version 1: no pod held any of the request (a cold placement).
+    cold: bool = False
 
 
 class Done(msgspec.Struct, array_like=True, frozen=True):
@@ -130,12 +133,12 @@ def unpack_keys(data: bytes) -> list[int]:
 
 
 def route(replica: str, request: int, endpoint: str, keys: Sequence[int], ttl_s: float,
-          uncached: int) -> bytes:
+          uncached: int, cold: bool = False) -> bytes:
     """Encode a route message (TTL and tokens clamped into their valid ranges)."""
     ttl = min(MAX_TTL_S, max(0.0, ttl_s)) if math.isfinite(ttl_s) else 0.0
     return _encoder.encode(Route(WIRE_VERSION, KIND_ROUTE, replica, request, endpoint,
                                  pack_keys(keys), ttl,
-                                 min(MAX_UNCACHED_TOKENS, max(0, uncached))))
+                                 min(MAX_UNCACHED_TOKENS, max(0, uncached)), cold))
 
 
 def done(replica: str, request: int, failed: bool) -> bytes:

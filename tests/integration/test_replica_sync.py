@@ -198,6 +198,11 @@ def test_messages_round_trip_compactly() -> None:
     # Fields appended later within a version are ignored by this decoder.
     longer = msgspec.msgpack.encode([1, wire.KIND_DONE, "r", 1, False, "a later field"])
     assert isinstance(wire.decode(longer), wire.Done)
+    # ... and a message from before ``cold`` was appended decodes with it false.
+    cold = wire.decode(wire.route("r", 1, "p", [], 1.0, 10, cold=True))
+    assert isinstance(cold, wire.Route) and cold.cold
+    older = wire.decode(msgspec.msgpack.encode([1, wire.KIND_ROUTE, "r", 1, "p", b"", 1.0, 10]))
+    assert isinstance(older, wire.Route) and not older.cold
 
 
 BAD_MESSAGES = [
@@ -303,6 +308,9 @@ async def test_a_sibling_routed_by_the_other_replica_follows_the_first_pick(
         assert bx.state.load.peer_prefill_tokens == uncached
         assert bx.state.load.peer_requests == 1
         assert inflight_tokens(bx) == uncached  # what token-load and affinity read
+        # A new prefix: a cold placement, which B's no-hit LRU counts as its own.
+        assert bx.state.peer_cold_pick_at > 0
+        assert all(e.state.peer_cold_pick_at == 0 for e in b.pool.snapshot() if e.name != x)
         assert all(e.state.load.peer_prefill_tokens == 0 for e in b.pool.snapshot()
                    if e.name != x)
         # A sibling (same prefix) that B would route now: x, for its pending prefix.
@@ -465,11 +473,16 @@ async def test_garbage_on_the_subject_is_counted_and_ignored(
             # a replay): ignored.
             await publish(wire.route(sb.replica_id, 3, "sim-1", [41], 5.0, 100))
             # ... and a good message after all that is applied.
-            await publish(wire.route("peer-x", 2, "sim-0", [11, 12, 13], 5.0, 100))
+            await publish(wire.route("peer-x", 2, "sim-0", [11, 12, 13], 5.0, 100,
+                                     cold=True))
             await eventually(lambda: sb.stats.received["route"] == 1, f"the good one applied {sb.stats}")
         assert sb.stats.dropped["unknown_endpoint"] == 1
         assert b.kv_services[0].index.pending_of("sim-0") == 3
         assert b.kv_services[0].index.pending_of("sim-1") == 0
+        # The peer's cold placement counts in this replica's no-hit LRU.
+        pool = {e.name: e for e in b.pool.snapshot()}
+        assert pool["sim-0"].state.peer_cold_pick_at > 0
+        assert pool["sim-1"].state.peer_cold_pick_at == 0
         assert sb.peers() == 1  # peer-x; not itself
         assert "no-such-pod" not in b.kv_services[0].index.endpoints()
         handle = await route(b, chat(16, "Still routing?"))

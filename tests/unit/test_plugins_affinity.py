@@ -395,3 +395,14 @@ def test_sticky_deploy_config_loads() -> None:
         "token-load-scorer": 1.0, "precise-prefix-cache-scorer": 0.0}
     assert compiled.plugins["prefix-cache-affinity-filter"].ttft.peak is None
     assert len(compiled.kv_settings) == 1
+
+
+def test_no_hit_lru_takes_turns_with_other_replicas() -> None:
+    # With replica sync, a cold placement another replica made counts as this one's.
+    lru = NoHitLRUScorer("lru")
+    endpoints = [ep(1), ep(2), ep(3)]
+    cold = match(100, {})
+    assert pick_cold(lru, endpoints, cold) == "e1"
+    endpoints[1].state.peer_cold_pick_at = NOW + 1  # a peer, after this replica's pick
+    assert pick_cold(lru, endpoints, cold) == "e3"
+    assert pick_cold(lru, endpoints, cold) == "e1"  # e1's own turn is older than e2's

@@ -54,7 +54,8 @@ class NoHitLRUScorer:
 
     Also a pre-request hook: a cold request's primary endpoint (and the ``prefill``
     profile's, with P/D) becomes the most recently used. At most ``lruSize`` endpoints
-    are remembered, oldest dropped first.
+    are remembered, oldest dropped first. With replica sync, other replicas' cold
+    placements (``peer_cold_pick_at``) count as well, so replicas take turns together.
     """
 
     type_name = "no-hit-lru-scorer"
@@ -65,8 +66,8 @@ class NoHitLRUScorer:
             raise ValueError(f"lruSize must be at least 1, got {lru_size}")
         self.name = name
         self.lru_size = lru_size
-        # Endpoint -> sequence number of its last cold request; oldest first.
-        self._lru: OrderedDict[_Key, int] = OrderedDict()
+        # Endpoint -> (time, sequence number) of its last cold request; oldest first.
+        self._lru: OrderedDict[_Key, tuple[float, int]] = OrderedDict()
         self._seq = 0
         # Per-request note from score() to pre_request(): was this request cold?
         self._cold_key = f"{self.type_name}/{name}"
@@ -84,10 +85,11 @@ class NoHitLRUScorer:
             return [NEUTRAL_SCORE] * n
         if n == 1:
             return [1.0]
-        last = [self._lru.get(_key(e)) for e in endpoints]
+        last = [self._last(e) for e in endpoints]
         # Never used (None) before used; used by when they last got a cold request;
         # the candidate order breaks ties among the never used.
-        order = sorted(range(n), key=lambda i: (-1, i) if last[i] is None else (last[i], i))
+        order = sorted(range(n), key=lambda i: (0, 0.0, 0, i) if last[i] is None
+                       else (1, *last[i], i))
         scores = [0.0] * n
         for rank, i in enumerate(order):
             scores[i] = 1.0 - rank / (n - 1)
@@ -101,11 +103,20 @@ class NoHitLRUScorer:
         for profile in dict.fromkeys((result.primary, PREFILL_PROFILE)):
             picked = result.profiles.get(profile)
             if picked is not None and picked.endpoints:
-                self._touch(_key(picked.endpoints[0]))
+                self._touch(_key(picked.endpoints[0]), ctx.now)
 
-    def _touch(self, key: _Key) -> None:
+    def _last(self, e: Endpoint) -> tuple[float, int] | None:
+        """When ``e`` last got a cold request, from this replica or (replica sync)
+        another one."""
+        own = self._lru.get(_key(e))
+        peer = e.state.peer_cold_pick_at
+        if peer <= 0.0:
+            return own
+        return (peer, 0) if own is None else max(own, (peer, 0))
+
+    def _touch(self, key: _Key, now: float) -> None:
         self._seq += 1
-        self._lru[key] = self._seq
+        self._lru[key] = (now, self._seq)
         self._lru.move_to_end(key)
         while len(self._lru) > self.lru_size:
             self._lru.popitem(last=False)
