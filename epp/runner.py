@@ -82,6 +82,7 @@ class App:
                          *sync_hooks],
             response_complete=[*cfg.response_complete,
                                *(s.feedback for s in self.kv_services), *sync_hooks],
+            first_bytes=sync_hooks,
             allow_test_header=settings.enable_test_endpoint_selection,
             model_rewrites=ModelRewrites(random.Random(settings.seed)),
             emit_endpoint_scores=settings.emit_endpoint_scores)

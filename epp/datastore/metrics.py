@@ -84,6 +84,10 @@ class EndpointLoad:
         self.peer_requests += 1
         self.peer_prefill_tokens += uncached
 
+    def peer_prefilled(self, uncached: int) -> None:
+        """That request's first bytes came: its prefill is done."""
+        self.peer_prefill_tokens = max(0, self.peer_prefill_tokens - uncached)
+
     def release_peer(self, uncached: int) -> None:
         """That request completed, or its prefill estimate passed."""
         self.peer_requests = max(0, self.peer_requests - 1)

@@ -78,6 +78,16 @@ class PeerTable:
         if len(self._heap) > 2 * len(self._entries) + 1024:
             self._compact()
 
+    def prefilled(self, key: tuple[str, int]) -> bool:
+        """The request's first bytes came: its tokens stop counting as prefill load
+        (the request itself counts until it completes)."""
+        entry = self._entries.get(key)
+        if entry is None or not entry.uncached:
+            return False
+        entry.load.peer_prefilled(entry.uncached)
+        entry.uncached = 0
+        return True
+
     def pop(self, key: tuple[str, int]) -> PeerEntry | None:
         """Remove an entry (its request completed) and take its load back."""
         entry = self._entries.pop(key, None)

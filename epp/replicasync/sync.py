@@ -239,6 +239,22 @@ class ReplicaSync:
         if self._enqueue("route", payload):
             cycle[SYNC_REQUEST_KEY] = (request, primary.name)
 
+    def on_first_bytes(self, ctx: Any) -> None:
+        """Publish that a request whose route was published has prefilled (its first
+        response bytes came), as this replica's own load accounting does."""
+        sent = ctx.cycle.get(SYNC_REQUEST_KEY)
+        if sent is None:
+            return
+        try:
+            if not self.connected:
+                self.stats.dropped["disconnected"] += 1
+                return
+            self._enqueue("prefilled", wire.prefilled(self.replica_id, sent[0]))
+        except Exception:
+            self.stats.dropped["error"] += 1
+            self._logs.warning("first-bytes", "replica sync: cannot publish a prefill",
+                               exc_info=True)
+
     def response_complete(self, ctx: Any, result: Any, status: int, usage: Any) -> None:
         """Publish that a request whose route was published ended, and whether it failed
         (no answer, an error, or another endpoint served it: no prefill where routed)."""
@@ -287,6 +303,8 @@ class ReplicaSync:
                     return
             elif isinstance(message, wire.Done):
                 self._on_done(message)
+            elif isinstance(message, wire.Prefilled):
+                self.table.prefilled((message.replica, message.request))
             elif message.kind == wire.KIND_BYE:
                 self.table.forget_replica(message.replica)
                 self._peers.pop(message.replica, None)

@@ -9,6 +9,9 @@ Every message is a msgpack array ``[version, kind, replica, ...]``:
   ``cold`` (appended, false when absent): no pod held any of the request.
 - ``Done``   ``[1, 2, replica, request, failed]``: that request ended; ``failed``: no
   prefill happened where it was routed (no answer, an error, served elsewhere).
+- ``Prefilled`` ``[1, 5, replica, request]``: that request's first response bytes
+  came: its uncached tokens no longer count as prefill load (the request still counts
+  until its ``Done``).
 - ``Beat``   ``[1, 3, replica]``: the replica is alive (sent every few seconds).
 - ``Bye``    ``[1, 4, replica]``: the replica is stopping; forget what it routed.
 
@@ -34,7 +37,9 @@ KIND_ROUTE = 1
 KIND_DONE = 2
 KIND_BEAT = 3
 KIND_BYE = 4
-KIND_NAMES = {KIND_ROUTE: "route", KIND_DONE: "done", KIND_BEAT: "beat", KIND_BYE: "bye"}
+KIND_PREFILLED = 5
+KIND_NAMES = {KIND_ROUTE: "route", KIND_DONE: "done", KIND_BEAT: "beat", KIND_BYE: "bye",
+              KIND_PREFILLED: "prefilled"}
 
 # Block keys one message carries at most: the precise producer's longest prefix
 # (DEFAULT_MAX_PREFIX_BLOCKS, 8,192 blocks = 128k tokens at 16 a block) twice over; a
@@ -92,6 +97,15 @@ class Done(msgspec.Struct, array_like=True, frozen=True):
     failed: bool
 
 
+class Prefilled(msgspec.Struct, array_like=True, frozen=True):
+    """A peer's request sent its first response bytes: its prefill is done."""
+
+    version: int
+    kind: int
+    replica: _Name
+    request: int
+
+
 class Presence(msgspec.Struct, array_like=True, frozen=True):
     """A peer is alive (``KIND_BEAT``) or leaving (``KIND_BYE``)."""
 
@@ -100,14 +114,15 @@ class Presence(msgspec.Struct, array_like=True, frozen=True):
     replica: _Name
 
 
-Message = Route | Done | Presence
+Message = Route | Done | Prefilled | Presence
 
 _encoder = msgspec.msgpack.Encoder()
 _head = msgspec.msgpack.Decoder(_Head)
 _decoders: dict[int, msgspec.msgpack.Decoder[Route] | msgspec.msgpack.Decoder[Done]
-                | msgspec.msgpack.Decoder[Presence]] = {
+                | msgspec.msgpack.Decoder[Prefilled] | msgspec.msgpack.Decoder[Presence]] = {
     KIND_ROUTE: msgspec.msgpack.Decoder(Route),
     KIND_DONE: msgspec.msgpack.Decoder(Done),
+    KIND_PREFILLED: msgspec.msgpack.Decoder(Prefilled),
     KIND_BEAT: msgspec.msgpack.Decoder(Presence),
     KIND_BYE: msgspec.msgpack.Decoder(Presence),
 }
@@ -144,6 +159,11 @@ def route(replica: str, request: int, endpoint: str, keys: Sequence[int], ttl_s:
 def done(replica: str, request: int, failed: bool) -> bytes:
     """Encode a completion message."""
     return _encoder.encode(Done(WIRE_VERSION, KIND_DONE, replica, request, failed))
+
+
+def prefilled(replica: str, request: int) -> bytes:
+    """Encode a first-bytes message."""
+    return _encoder.encode(Prefilled(WIRE_VERSION, KIND_PREFILLED, replica, request))
 
 
 def presence(replica: str, kind: int) -> bytes:

@@ -124,6 +124,14 @@ class PreRequest(Protocol):
                     headers: HeaderChanges) -> None: ...
 
 
+class FirstBytes(Protocol):
+    """Runs once when a routed request's first response bytes arrive (prefill done)."""
+
+    name: str
+
+    def on_first_bytes(self, ctx: SchedulingContext) -> None: ...
+
+
 class ResponseComplete(Protocol):
     """Runs once when the response has ended (or the stream was cut)."""
 
@@ -241,6 +249,7 @@ class Director:
                  metrics: EppMetrics, *, producers: Sequence[DataProducer] = (),
                  pre_request: Sequence[PreRequest] = (),
                  response_complete: Sequence[ResponseComplete] = (),
+                 first_bytes: Sequence[FirstBytes] = (),
                  allow_test_header: bool = False,
                  model_rewrites: ModelRewrites | None = None,
                  emit_endpoint_scores: bool = False) -> None:
@@ -255,6 +264,7 @@ class Director:
         self._producers = list(producers)
         self._pre_request = list(pre_request)
         self._response_complete = list(response_complete)
+        self._first_bytes = list(first_bytes)
         self._e2e = metrics.scheduler_e2e
         self._log_limit = LogLimiter(log)
         self._accuracy = RollingShare(ACCURACY_WINDOW)
@@ -498,6 +508,13 @@ class Director:
         if served is not None and handle.prefill_tokens:
             served.state.load.prefilled(handle.prefill_tokens)
         handle.prefill_tokens = 0
+        for hook in self._first_bytes:
+            try:
+                hook.on_first_bytes(handle.ctx)
+            except Exception:  # a hook must not break the response path
+                self._log_limit.warning(f"first-bytes:{hook.name}",
+                                        "first-bytes hook %s failed", hook.name,
+                                        exc_info=True)
 
     def complete(self, handle: RequestHandle, completed: bool) -> None:
         """Called once per routed request when its stream ends."""

@@ -190,6 +190,8 @@ def test_messages_round_trip_compactly() -> None:
         "r1", 2**63 + 5, "pod-0", 1.25, 3000)
     assert wire.unpack_keys(m.keys) == keys
     assert wire.decode(wire.done("r1", 7, True)) == wire.Done(1, wire.KIND_DONE, "r1", 7, True)
+    assert wire.decode(wire.prefilled("r1", 7)) == wire.Prefilled(1, wire.KIND_PREFILLED,
+                                                                  "r1", 7)
     assert wire.decode(wire.presence("r1", wire.KIND_BYE)).kind == wire.KIND_BYE
     # Out-of-range values are clamped when sending, and a longer pick is cut to its prefix.
     m = wire.decode(wire.route("r", 1, "p", list(range(wire.MAX_KEYS + 5)), math.inf, -3))
@@ -324,6 +326,14 @@ async def test_a_sibling_routed_by_the_other_replica_follows_the_first_pick(
         assert plan["prefix_match"]["endpoints"][x]["blocks"] == 0  # nothing confirmed yet
         sibling = await route(b, sibling_body)
         assert pod(b, sibling) == x
+        # A's request sends its first bytes: its prefill is done, in B's view too; the
+        # request itself still counts until it completes.
+        first.on_response_headers(200, {"content-type": "text/event-stream"})
+        first.on_response_body(b"data: {}\n\n", False)
+        await eventually(lambda: bx.state.load.peer_prefill_tokens == 0,
+                         "A's first bytes reached B")
+        assert bx.state.load.peer_requests == 1
+        assert sb.stats.received["prefilled"] == 1
         # Both reach x before its first BlockStored could: x prefills the prefix once.
         await asyncio.gather(serve(first, first_body), serve(sibling, sibling_body))
         assert sibling.usage is not None and sibling.usage.prompt_tokens > 1000
