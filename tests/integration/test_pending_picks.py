@@ -58,7 +58,8 @@ def test_siblings_of_a_new_prefix_follow_the_first_pick(stack: tuple[str, LocalS
     if mode == "pending":
         assert len(pods) == 1, pods
         assert m["epp_kv_index_pending_total{outcome=\"confirmed\"}"] > 0
-        assert m["epp_kv_index_prediction_accuracy"] == 1.0
+        # Never credited what the engine did not hold. (A sibling may find more cached
+        # than predicted: another sibling, routed after it, prefilled the prefix first.)
         assert m.get("epp_kv_index_mispredictions_total{direction=\"over\"}", 0) == 0
     else:  # what the issue measured: the load scorers spread the siblings
         assert len(pods) > 1, pods

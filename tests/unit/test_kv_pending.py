@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from epp.api.openai import LLMRequest
 from epp.api.usage import Usage
 from epp.config.picker_config import load_picker_config
-from epp.datastore import Endpoint, EndpointPool
+from epp.datastore import Endpoint, EndpointPool, ServerMetrics
 from epp.kvcache.feedback import (
     DEFAULT_PENDING_TTL_S,
     MAX_PENDING_TTL_S,
@@ -298,6 +299,8 @@ schedulingProfiles:
 def director(pending: bool) -> tuple[Director, EndpointPool, EppMetrics]:
     pool = EndpointPool()
     pool.replace_all(Endpoint(f"e{i}", f"10.0.0.{i + 1}:8000") for i in range(3))
+    for e in pool.snapshot():  # fresh, equal metrics: the queue scorer spreads by routing
+        e.state.update_metrics(ServerMetrics(scraped_at=time.monotonic()))
     config = load_picker_config(PRECISE_AND_LOAD)
     index = BlockIndex(model="m")
     feedback = IndexFeedback(index, pending=pending)
