@@ -63,6 +63,12 @@ class EndpointLoad:
         self.prefill_tokens += uncached
         self.since_scrape += 1
 
+    @property
+    def outstanding_prefill(self) -> int:
+        """Uncached prompt tokens routed here and not yet prefilled: this replica's and,
+        with replica sync, the other replicas'."""
+        return self.prefill_tokens + self.peer_prefill_tokens
+
     def prefilled(self, uncached: int) -> None:
         """A request's first response bytes arrived: its prefill is done."""
         self.prefill_tokens = max(0, self.prefill_tokens - uncached)

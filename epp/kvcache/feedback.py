@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from epp.datastore import EndpointState
 from epp.kvcache.index import BlockIndex, PendingPick
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.kvcache.producer import ApproximateProducer
@@ -59,6 +60,13 @@ def fallback_producer() -> ApproximateProducer:
     tokens miss the prefix deadline (a slow or unreachable tokenizer source)."""
     return ApproximateProducer(max_blocks=FALLBACK_MAX_BLOCKS, name=FALLBACK_NAME,
                                fallback_only=True)
+
+
+def endpoint_pending_ttl(state: EndpointState, uncached_tokens: int) -> float:
+    """:func:`pending_ttl` of a request with ``uncached_tokens`` sent to the endpoint with
+    ``state``: behind its outstanding prefill, at its learned rate."""
+    return pending_ttl(state.load.outstanding_prefill, uncached_tokens,
+                       state.prefill.tokens_per_s())
 
 
 def pending_ttl(outstanding_tokens: int, uncached_tokens: int,
@@ -109,11 +117,7 @@ class IndexFeedback:
         if _disaggregated(result):
             return  # the decode pod receives KV from the prefill pod, not by prefilling
         primary = result.endpoints[0]
-        state = primary.state
-        # Outstanding prefill there: this replica's, and other replicas' when shared.
-        ttl = pending_ttl(state.load.prefill_tokens + state.load.peer_prefill_tokens,
-                          match.uncached_tokens(primary.name),
-                          state.prefill.tokens_per_s())
+        ttl = endpoint_pending_ttl(primary.state, match.uncached_tokens(primary.name))
         ctx.cycle[PENDING_PICK_KEY] = self.index.add_pending(primary.name, match.keys, ttl)
 
     def response_complete(self, ctx: Any, result: Any, status: int, usage: Any) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp.datastore import Endpoint
-from epp.kvcache.feedback import PENDING_PICK_KEY, SERVED_ENDPOINT_KEY, pending_ttl
+from epp.kvcache.feedback import PENDING_PICK_KEY, SERVED_ENDPOINT_KEY, endpoint_pending_ttl
 from epp.kvcache.index import BlockIndex, PendingPick
 from epp.kvcache.match import PREFIX_MATCH_KEY, PrefixMatch
 from epp.replicasync import wire
@@ -227,9 +227,7 @@ class ReplicaSync:
             ttl = pick.expires - self._clock()
         else:  # no pending pick (approximate match, picks off, P/D): the load alone
             keys = ()
-            load = primary.state.load
-            ttl = pending_ttl(load.prefill_tokens + load.peer_prefill_tokens, uncached,
-                              primary.state.prefill.tokens_per_s())
+            ttl = endpoint_pending_ttl(primary.state, uncached)
         # No pod held any of it: peers' no-hit-lru-scorer counts the placement.
         cold = not isinstance(match, PrefixMatch) or not any(
             m.expected_blocks > 0 for m in match.matches.values())

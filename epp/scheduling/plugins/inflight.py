@@ -48,12 +48,12 @@ DEFAULT_PEAK_PREFILL_THROUGHPUT = 15928.0
 
 def inflight_tokens(e: Endpoint) -> int:
     """llm-d's ``InFlightLoad.Tokens``: uncached prompt tokens routed to ``e`` whose
-    prefill has not finished. This EPP's own count until the response's first bytes,
-    plus, with ``--replica-sync-url``, what the other EPP replicas routed there, each
-    until that replica reports the request complete or its prefill estimate (the
-    pending TTL it sent) passes; without replica sync the peer part is 0."""
-    load = e.state.load
-    return load.prefill_tokens + load.peer_prefill_tokens
+    prefill has not finished (``EndpointLoad.outstanding_prefill``). This EPP's own count
+    until the response's first bytes, plus, with ``--replica-sync-url``, what the other
+    EPP replicas routed there, each until that replica reports its first bytes or
+    completion, or its prefill estimate (the pending TTL it sent) passes; without
+    replica sync the peer part is 0."""
+    return e.state.load.outstanding_prefill
 
 
 def inflight_requests(e: Endpoint) -> int:
