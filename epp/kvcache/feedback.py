@@ -139,16 +139,16 @@ class IndexFeedback:
 
     def correct(self, match: PrefixMatch, endpoint: str, engine_cached: int) -> None:
         """Compare the engine's ``cached_tokens`` with what the index predicted."""
-        bs = match.block_size
-        confirmed = match.predicted_engine_cached(endpoint)
-        if engine_cached <= confirmed - bs:
+        outcome = match.prediction_outcome(endpoint, engine_cached)
+        if outcome == "over":
             # The engine held fewer blocks than credited: from the first block it lacked
             # to the last credited one, the index is wrong about this endpoint.
+            bs = match.block_size
             first = max(0, engine_cached) // bs
-            last = confirmed // bs
+            last = match.predicted_engine_cached(endpoint) // bs
             if self.index.forget(endpoint, match.keys[first:last]):
                 self.counts.evicted_corrections += 1
-        elif engine_cached >= match.expected_engine_cached(endpoint) + bs:
+        elif outcome == "under":
             self.counts.lost_store_signals += 1
             if self._resync is not None and self._resync(endpoint):
                 self.counts.resyncs_requested += 1

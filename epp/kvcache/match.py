@@ -61,3 +61,25 @@ class PrefixMatch:
         if self.prompt_tokens == 0:
             return 0
         return min(self.of(endpoint).expected_blocks * self.block_size, self._engine_limit())
+
+    def prediction_error(self, endpoint: str, engine_cached: int) -> int:
+        """The engine's ``cached_tokens`` minus the nearest predicted value, between what
+        the engine confirmed holding and that plus the pending blocks: pending blocks
+        never count as held, but an engine that holds them is what they predicted."""
+        confirmed = self.predicted_engine_cached(endpoint)
+        expected = self.expected_engine_cached(endpoint)
+        return engine_cached - min(max(engine_cached, confirmed), expected)
+
+    def prediction_outcome(self, endpoint: str, engine_cached: int) -> str:
+        """``over`` (the index credited a block or more the engine did not hold),
+        ``under`` (the engine held a block or more that neither its events nor the
+        pending picks account for), ``pending`` (more than confirmed, as the pending
+        picks predicted) or ``exact``."""
+        error = self.prediction_error(endpoint, engine_cached)
+        if error <= -self.block_size:
+            return "over"
+        if error >= self.block_size:
+            return "under"
+        if engine_cached - self.predicted_engine_cached(endpoint) >= self.block_size:
+            return "pending"
+        return "exact"

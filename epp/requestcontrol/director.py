@@ -571,21 +571,9 @@ class Director:
         if any(r.endpoints for name, r in handle.result.profiles.items()
                if name != handle.result.primary):
             return  # disaggregated: the decode pod also counts the KV it received
-        confirmed = match.predicted_engine_cached(served.name)
-        expected = match.expected_engine_cached(served.name)
         engine = usage.cached_tokens
-        # Distance to the predicted range [confirmed, expected]: pending blocks never
-        # count as held, but an engine that holds them is what they predicted.
-        diff = engine - min(max(engine, confirmed), expected)
-        self._metrics.index_accuracy.observe(diff)
-        if diff <= -match.block_size:
-            outcome = "over"
-        elif diff >= match.block_size:
-            outcome = "under"
-        elif engine - confirmed >= match.block_size:
-            outcome = "pending"
-        else:
-            outcome = "exact"
+        self._metrics.index_accuracy.observe(match.prediction_error(served.name, engine))
+        outcome = match.prediction_outcome(served.name, engine)
         self._metrics.index_predictions.labels(outcome).inc()
         if outcome in ("over", "under"):
             self._metrics.index_mispredictions.labels(outcome).inc()
