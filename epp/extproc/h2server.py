@@ -3,10 +3,11 @@
 
 Why not grpc.aio: its per-message cost in Python (a poller thread handing each read to
 the event loop, a future and a task hop per message) dominated the EPP's CPU on the
-request path — an ext_proc exchange is about eleven messages per HTTP request. Here
-each connection is an asyncio protocol driving the ``h2`` state machine: a message is
-parsed and answered in the same callback that read it; only the message that completes
-a request (the one that routes, which may await tokenization) runs in a task.
+request path — an ext_proc exchange is about eleven messages per HTTP request, plus one
+per streamed response chunk. Here each connection is an asyncio protocol driving our own
+HTTP/2 framing (:mod:`epp.extproc.http2`): a message is parsed and answered in the same
+callback that read it; only the message that completes a request (the one that routes,
+which may await tokenization) runs in a task.
 
 Invariants (each has a test in ``tests/unit/test_h2_faults.py``):
 
@@ -30,23 +31,17 @@ speaks them; uncompressed gRPC messages; unknown methods are answered with UNIMP
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 from google.protobuf.message import DecodeError
-from hyperframe.frame import GoAwayFrame
 
 from epp.errors import RequestError
+from epp.extproc import http2
 from epp.extproc import messages as msg
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES, Director, ProtocolError, ProtocolStream
 from epp.extproc.tls import TlsServerProtocol
@@ -59,7 +54,7 @@ PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # Flow-control windows we grant Envoy: large, so a 62 KB body chunk never waits for a
 # WINDOW_UPDATE round trip; we acknowledge consumed bytes as we go.
 RECEIVE_WINDOW = 16 * 1024 * 1024
-STREAM_WINDOW_BOOST = 4 * 1024 * 1024 - 65_535  # per stream, on top of the default 64 KiB
+STREAM_WINDOW = 4 * 1024 * 1024  # per stream, advertised in our SETTINGS
 # Concurrent streams per connection. gRPC servers advertise no limit; Envoy's default
 # circuit breaker admits 1,024 requests per cluster, and an ext_proc stream is one
 # request, so 10,000 is never the bottleneck for one Envoy yet still bounds a hostile
@@ -85,22 +80,12 @@ _RESOURCE_EXHAUSTED = b"8"
 _UNIMPLEMENTED = b"12"
 _INTERNAL = b"13"
 _UNAVAILABLE = b"14"
-# Every h2 error a send on a stream the peer already closed can raise.
-_STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
-
-
-class _AdvertisedSettings(h2.settings.Settings):
-    """Local settings that advertise our stream limit but leave enforcing it to us:
-    h2 treats one stream over the limit as a connection error, which would fail every
-    request on the connection; we refuse just that stream with REFUSED_STREAM."""
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        return 2**31 - 1
-
-    @max_concurrent_streams.setter
-    def max_concurrent_streams(self, value: int) -> None:
-        self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
+# Events about one stream: an exception handling one fails that stream only.
+_STREAM_EVENTS = (http2.EV_REQUEST, http2.EV_DATA, http2.EV_END, http2.EV_RESET)
+# The HPACK blocks we send most, encoded once (the encoder is stateless).
+_GRPC_HEADERS_BLOCK = http2.encode_headers(_GRPC_HEADERS)
+_OK_TRAILERS_BLOCK = http2.encode_headers(_OK_TRAILERS)
+_OK_TRAILERS_ONLY_BLOCK = http2.encode_headers([*_GRPC_HEADERS, *_OK_TRAILERS])
 
 
 class _Stream:
@@ -128,12 +113,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: H2ExtProcServer) -> None:
         self._server = server
-        self._h2 = h2.connection.H2Connection(server.h2_config)
-        self._h2.local_settings = _AdvertisedSettings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE:
-                self._h2.DEFAULT_MAX_HEADER_LIST_SIZE,
-        })
+        # The stream limit is advertised but enforced here, one stream at a time (see
+        # _on_request): a stream over it is refused, the connection carries on.
+        self._h2 = http2.ServerConnection(
+            max_concurrent_streams=server.max_concurrent_streams,
+            initial_stream_window=STREAM_WINDOW, connection_window=RECEIVE_WINDOW)
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}
         self._pending: dict[int, deque[bytes]] = {}  # data waiting for flow-control window
@@ -148,10 +132,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._server.connections.add(self)
-        # Windows are widened with WINDOW_UPDATE frames (valid at once), not SETTINGS
-        # (valid only after the peer's ACK, which races its first data frames).
         self._h2.initiate_connection()
-        self._h2.increment_flow_control_window(RECEIVE_WINDOW)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,7 +156,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+        except http2.ConnectionError as exc:
             log.warning("HTTP/2 protocol error from the proxy, closing its connection: %s",
                         exc)
             self._flush()
@@ -186,77 +167,72 @@ class _Connection(asyncio.Protocol):
             try:
                 self._on_event(event)
             except Exception:
-                sid = getattr(event, "stream_id", None)
-                if not sid:
+                if event[0] not in _STREAM_EVENTS:
                     raise
                 # One stream's fault stays in that stream.
-                log.exception("ext_proc stream %d failed handling %s", sid,
-                              type(event).__name__)
-                self._abort(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                log.exception("ext_proc stream %d failed handling event %d", event[1],
+                              event[0])
+                self._abort(event[1], http2.INTERNAL_ERROR)
         self._flush()
 
-    def _on_event(self, event: h2.events.Event) -> None:
-        kind = type(event)
-        if kind is h2.events.DataReceived:
-            self._on_data(event)  # type: ignore[arg-type]
-        elif kind is h2.events.RequestReceived:
-            self._on_request(event)  # type: ignore[arg-type]
-        elif kind is h2.events.StreamEnded:
-            self._on_end(event.stream_id)  # type: ignore[attr-defined]
-        elif kind is h2.events.StreamReset:
-            self._on_reset(event.stream_id)  # type: ignore[attr-defined]
-        elif kind is h2.events.WindowUpdated:
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == http2.EV_DATA:
+            self._on_data(event[1], event[2], event[3])
+        elif kind == http2.EV_REQUEST:
+            self._on_request(event[1], event[2])
+        elif kind == http2.EV_END:
+            self._on_end(event[1])
+        elif kind == http2.EV_RESET:
+            self._on_reset(event[1])
+        elif kind == http2.EV_WINDOW:
             self._resume_sends()
-        elif kind is h2.events.ConnectionTerminated:
-            self._on_goaway(event)  # type: ignore[arg-type]
+        elif kind == http2.EV_GOAWAY:
+            self._on_goaway(event[1])
 
     # -- events -----------------------------------------------------------------------
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        sid = event.stream_id
-        path = next((v for k, v in event.headers or () if k == b":path"), b"")
+    def _on_request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        path = next((v for k, v in headers if k == b":path"), b"")
         if path != PROCESS_PATH or self._server.draining:
             status = _UNIMPLEMENTED if path != PROCESS_PATH else _UNAVAILABLE
             self._send_headers(sid, [*_GRPC_HEADERS, (b"grpc-status", status)],
                                end_stream=True)
             return
         if len(self._streams) >= self._server.max_concurrent_streams:
-            self._reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._reset(sid, http2.REFUSED_STREAM)
             return
         protocol = ProtocolStream(self._server.director,
                                   max_body_bytes=self._server.max_body_bytes)
         self._streams[sid] = _Stream(protocol)
         self._server.active_streams += 1
-        # The stream may already be closed by a RST_STREAM read in the same batch; its
-        # StreamReset event follows and releases it.
-        with contextlib.suppress(*_STREAM_GONE):
-            self._h2.increment_flow_control_window(STREAM_WINDOW_BOOST, stream_id=sid)
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        sid = event.stream_id
-        size = event.flow_controlled_length
+    def _on_data(self, sid: int, data: bytes, size: int) -> None:
         stream = self._streams.get(sid)
         if stream is None or stream.closed:
             if size:
-                self._h2.acknowledge_received_data(size, sid)
+                self._h2.acknowledge(sid, size)
             return
         self._ack(sid, stream, size)
-        buf = stream.buffer
-        before = len(buf)
-        buf += event.data
-        self._held += len(buf) - before
-        while len(buf) >= 5:
-            compressed, length = _PREFIX.unpack_from(buf)
-            if compressed or length > self._server.max_message:
-                self._fail(sid, stream, _RESOURCE_EXHAUSTED if length > self._server.max_message
-                           else _UNIMPLEMENTED,
-                           b"compressed or oversized message")
+        if stream.buffer:
+            stream.buffer += data
+            self._held += len(data)
+            view: bytes | bytearray = stream.buffer
+        else:
+            view = data  # the common case: parse straight from the frame, no copy
+        pos = 0
+        end = len(view)
+        max_message = self._server.max_message
+        while end - pos >= 5:
+            compressed, length = _PREFIX.unpack_from(view, pos)
+            if compressed or length > max_message:
+                self._fail(sid, stream, _RESOURCE_EXHAUSTED if length > max_message
+                           else _UNIMPLEMENTED, b"compressed or oversized message")
                 return
-            if len(buf) < 5 + length:
+            if end - pos - 5 < length:
                 break
-            raw = bytes(buf[5:5 + length])
-            del buf[:5 + length]
-            self._held -= 5 + length
+            raw = view[pos + 5:pos + 5 + length]
+            pos += 5 + length
             try:
                 request = msg.ProcessingRequest.FromString(raw)
             except DecodeError:
@@ -266,6 +242,12 @@ class _Connection(asyncio.Protocol):
             if stream.closed:
                 return
             self._sync_body(stream)
+        if view is stream.buffer:
+            del stream.buffer[:pos]
+            self._held -= pos
+        elif pos < end:
+            stream.buffer += view[pos:]  # a partial message waits for its next frame
+            self._held += end - pos
         if self._held > self._server.connection_buffer and stream.protocol.routed is None:
             # Only requests still collecting a body are refused: echoed bytes of routed
             # ones are bounded by the windows we stopped granting (see _ack).
@@ -285,15 +267,12 @@ class _Connection(asyncio.Protocol):
         if stream is not None:
             self._close_stream(stream)
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        """The peer will open no more streams. Open ones may finish (RFC 9113 §6.8):
-        h2 closes its state machine on any GOAWAY, so reopen it for the streams we
-        still owe answers, and close the connection once they are done."""
+    def _on_goaway(self, error_code: int) -> None:
+        """The peer will open no more streams. Open ones may finish (RFC 9113 §6.8);
+        the connection closes once they are done."""
         self._peer_goaway = True
-        if event.error_code != h2.errors.ErrorCodes.NO_ERROR:
-            log.warning("the proxy sent GOAWAY with error %s", event.error_code)
-        if self._streams:
-            self._h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+        if error_code != http2.NO_ERROR:
+            log.warning("the proxy sent GOAWAY with error %s", error_code)
 
     # -- message handling -------------------------------------------------------------
 
@@ -337,23 +316,30 @@ class _Connection(asyncio.Protocol):
                 self._finish(sid, stream)
         except Exception:
             log.exception("ext_proc stream %d failed after routing", sid)
-            self._abort(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self._abort(sid, http2.INTERNAL_ERROR)
         self._flush()
 
     def _protocol_error(self, sid: int, stream: _Stream, exc: ProtocolError) -> None:
         log.warning("ext_proc stream %d: %s", sid, exc)
         self._fail(sid, stream, _INVALID_ARGUMENT, str(exc).encode()[:200])
 
-    def _send(self, sid: int, stream: _Stream, responses: list[msg.ProcessingResponse]) -> None:
+    def _send(self, sid: int, stream: _Stream, responses: list[msg.Answer]) -> None:
         if not responses or stream.closed:
             return
         if not stream.headers_sent:
-            if not self._send_headers(sid, _GRPC_HEADERS):
+            if not self._send_headers(sid, _GRPC_HEADERS, block=_GRPC_HEADERS_BLOCK):
                 return
             stream.headers_sent = True
+        if len(responses) == 1:
+            response = responses[0]
+            payload = response if type(response) is bytes else \
+                response.SerializeToString()  # type: ignore[union-attr]
+            self._send_data(sid, stream, _PREFIX.pack(0, len(payload)) + payload)
+            return
         parts = []
         for response in responses:
-            payload = response.SerializeToString()
+            payload = response if type(response) is bytes else \
+                response.SerializeToString()  # type: ignore[union-attr]
             parts.append(_PREFIX.pack(0, len(payload)))
             parts.append(payload)
         self._send_data(sid, stream, b"".join(parts))
@@ -366,26 +352,13 @@ class _Connection(asyncio.Protocol):
             self._held += len(data)
             return
         try:
-            sent = self._write_window(sid, data)
-        except _STREAM_GONE:
-            return  # the peer reset it; its StreamReset event follows
+            sent = self._h2.send_data(sid, data)
+        except http2.StreamGoneError:
+            return  # the peer reset it; its reset event follows
         if sent < len(data):
             self._pending.setdefault(sid, deque()).append(data[sent:])
             stream.pending_bytes += len(data) - sent
             self._held += len(data) - sent
-
-    def _write_window(self, sid: int, data: bytes) -> int:
-        """Send as much of ``data`` as flow control allows; returns bytes sent."""
-        h2c = self._h2
-        sent = 0
-        while sent < len(data):
-            window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
-            if window <= 0:
-                break
-            chunk = data[sent:sent + window]
-            h2c.send_data(sid, chunk)
-            sent += len(chunk)
-        return sent
 
     def _resume_sends(self) -> None:
         for sid in list(self._pending):
@@ -394,8 +367,8 @@ class _Connection(asyncio.Protocol):
             while queue:
                 data = queue[0]
                 try:
-                    sent = self._write_window(sid, data)
-                except _STREAM_GONE:
+                    sent = self._h2.send_data(sid, data)
+                except http2.StreamGoneError:
                     self._drop_pending(sid)
                     break
                 if stream is not None:
@@ -433,21 +406,20 @@ class _Connection(asyncio.Protocol):
             stream.unacked += size
         elif stream.unacked or stream.pending_bytes > STREAM_SEND_BUFFER:
             # Only this stream waits; the connection window stays open for the others.
-            self._h2.increment_flow_control_window(size)
+            self._h2.acknowledge_connection(size)
             stream.unacked += size
         else:
-            self._h2.acknowledge_received_data(size, sid)
+            self._h2.acknowledge(sid, size)
 
     def _release_backpressure(self) -> None:
         if self._write_paused or self._held > self._server.connection_buffer:
             return
         if self._conn_unacked:
-            self._h2.increment_flow_control_window(self._conn_unacked)
+            self._h2.acknowledge_connection(self._conn_unacked)
             self._conn_unacked = 0
         for sid, stream in self._streams.items():
             if stream.unacked and stream.pending_bytes <= STREAM_SEND_BUFFER:
-                with contextlib.suppress(*_STREAM_GONE):
-                    self._h2.increment_flow_control_window(stream.unacked, stream_id=sid)
+                self._h2.open_stream_window(sid, stream.unacked)
                 stream.unacked = 0
 
     def _sync_body(self, stream: _Stream) -> None:
@@ -476,9 +448,10 @@ class _Connection(asyncio.Protocol):
         self._streams.pop(sid, None)
         if not stream.closed:
             if stream.headers_sent:
-                self._send_headers(sid, _OK_TRAILERS, end_stream=True)
+                self._send_headers(sid, _OK_TRAILERS, end_stream=True, block=_OK_TRAILERS_BLOCK)
             else:
-                self._send_headers(sid, [*_GRPC_HEADERS, *_OK_TRAILERS], end_stream=True)
+                self._send_headers(sid, [*_GRPC_HEADERS, *_OK_TRAILERS], end_stream=True,
+                                   block=_OK_TRAILERS_ONLY_BLOCK)
         self._close_stream(stream)
 
     def _fail(self, sid: int, stream: _Stream, status: bytes, message: bytes) -> None:
@@ -491,7 +464,7 @@ class _Connection(asyncio.Protocol):
                                      (b"grpc-message", message)], end_stream=True)
         self._close_stream(stream)
 
-    def _abort(self, sid: int, code: h2.errors.ErrorCodes) -> None:
+    def _abort(self, sid: int, code: int) -> None:
         """End one stream with RST_STREAM, whatever state it is in."""
         stream = self._streams.pop(sid, None)
         self._drop_pending(sid)
@@ -499,16 +472,15 @@ class _Connection(asyncio.Protocol):
             self._close_stream(stream)
         self._reset(sid, code)
 
-    def _reset(self, sid: int, code: h2.errors.ErrorCodes) -> None:
-        with contextlib.suppress(*_STREAM_GONE):
-            self._h2.reset_stream(sid, code)
+    def _reset(self, sid: int, code: int) -> None:
+        self._h2.reset_stream(sid, code)
 
     def _send_headers(self, sid: int, headers: list[tuple[bytes, bytes]], *,
-                      end_stream: bool = False) -> bool:
+                      end_stream: bool = False, block: bytes | None = None) -> bool:
         """Send headers or trailers; False when the peer has closed the stream."""
         try:
-            self._h2.send_headers(sid, headers, end_stream=end_stream)
-        except _STREAM_GONE:
+            self._h2.send_headers(sid, headers, end_stream=end_stream, block=block)
+        except http2.StreamGoneError:
             return False
         return True
 
@@ -537,15 +509,10 @@ class _Connection(asyncio.Protocol):
     # -- shutdown ---------------------------------------------------------------------
 
     def goaway(self) -> None:
-        """Tell Envoy to open no new streams here; open ones finish. The GOAWAY frame is
-        written directly: h2's close_connection() would also stop the state machine,
-        and with it the streams we are letting finish."""
+        """Tell Envoy to open no new streams here; open ones finish."""
         self._flush()
-        frame = GoAwayFrame(stream_id=0)
-        frame.last_stream_id = self._h2.highest_inbound_stream_id
-        frame.error_code = 0
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame.serialize())
+            self._transport.write(self._h2.goaway_frame())
 
     def abort(self) -> None:
         """Drop the connection now."""
@@ -576,10 +543,6 @@ class H2ExtProcServer:
         self.max_message = max_body_bytes + MESSAGE_OVERHEAD
         self.max_concurrent_streams = max_concurrent_streams
         self.connection_buffer = connection_buffer
-        self.h2_config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False,
-            validate_outbound_headers=False, normalize_inbound_headers=False,
-            normalize_outbound_headers=False)
         self.connections: set[_Connection] = set()
         self.active_streams = 0
         self.draining = False
@@ -592,18 +555,25 @@ class H2ExtProcServer:
         self._handshaking: set[TlsServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (``port`` 0 picks one)."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen; returns the bound port (``port`` 0 picks one). ``reuse_port`` shares
+        the port with sibling processes (SO_REUSEPORT), as ``epp --workers`` does."""
         loop = asyncio.get_running_loop()
-        factory: Callable[[], asyncio.Protocol] = lambda: _Connection(self)  # noqa: E731
+        factory: Callable[[], asyncio.Protocol] = self.connection_factory
         if self.ssl_context is not None:
             context = self.ssl_context
             factory = lambda: TlsServerProtocol(  # noqa: E731
-                context, _Connection(self), self._tls_logs, handshaking=self._handshaking,
+                context, self.connection_factory(), self._tls_logs,
+                handshaking=self._handshaking,
                 on_failure=self._count_tls_failure)
-        self._server = await loop.create_server(factory, host, port, reuse_address=True)
+        self._server = await loop.create_server(factory, host, port, reuse_address=True,
+                                                reuse_port=reuse_port)
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    def connection_factory(self) -> _Connection:
+        """The protocol for one cleartext HTTP/2 connection (TLS wraps it)."""
+        return _Connection(self)
 
     def _count_tls_failure(self, reason: str) -> None:
         self.tls_failures += 1

@@ -22,6 +22,8 @@ MAX_BODY_CHUNK = 62_000
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
+# What a stream answers with: a message, or one already serialized (see wire.py).
+Answer = ProcessingResponse | bytes
 
 
 def read_headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
