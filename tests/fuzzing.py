@@ -242,7 +242,9 @@ class Harness:
                 except ProtocolError:
                     outcome = "protocol_error"
                     break
-                for response in responses:
+                for answer in responses:
+                    response = answer if not isinstance(answer, bytes) else \
+                        msg.ProcessingResponse.FromString(answer)
                     if response.WhichOneof("response") == "immediate_response":
                         outcome = f"immediate_{response.immediate_response.status.code}"
                     elif response.WhichOneof("response") == "request_headers" and \

@@ -1,8 +1,8 @@
 """Token usage from OpenAI responses: whole JSON bodies and SSE streams.
 
-The parser is fed response body chunks as Envoy streams them. For SSE it only decodes
-``data:`` lines that mention ``"usage"``, so a long stream costs a substring search per
-chunk, not a JSON decode per token.
+The parser is fed response body chunks as Envoy streams them. For SSE it keeps only the
+last ``data:`` line that mentions ``"usage"`` and decodes it at the end, so a long stream
+costs a substring search per chunk, not a JSON decode per token.
 """
 
 from __future__ import annotations
@@ -56,14 +56,21 @@ def is_event_stream(content_type: str) -> bool:
 
 
 class UsageParser:
-    """Incremental usage extraction from a response body (JSON or SSE)."""
+    """Incremental usage extraction from a response body (JSON or SSE).
 
-    __slots__ = ("_sse", "_buf", "_overflow", "usage")
+    Built to cost next to nothing per streamed chunk: an SSE chunk is searched for the
+    ``"usage"`` key with one substring search, and the line that carries it is only kept,
+    not decoded; decoding happens when a newer usage line replaces it (vLLM's
+    continuous usage stats) or at :meth:`finish`. A JSON body is decoded once, at the
+    end, as usage can only be read from the whole object."""
+
+    __slots__ = ("_sse", "_buf", "_overflow", "_line", "usage")
 
     def __init__(self, content_type: str) -> None:
         self._sse = is_event_stream(content_type)
-        self._buf = bytearray()
+        self._buf = bytearray()  # JSON: the body so far; SSE: an unfinished line
         self._overflow = False
+        self._line: bytes | None = None  # the last SSE line with usage, not decoded yet
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -77,22 +84,32 @@ class UsageParser:
             else:
                 self._buf += chunk
             return
-        self._buf += chunk
-        end = self._buf.rfind(b"\n")
+        buf = self._buf
+        if buf:  # a line continues from the last chunk
+            buf += chunk
+            data: bytes | bytearray = buf
+        else:
+            data = chunk
+        end = data.rfind(b"\n")
         if end < 0:
-            if len(self._buf) > MAX_SSE_LINE:
+            if data is chunk:
+                buf += chunk
+            if len(buf) > MAX_SSE_LINE:
                 self._overflow = True
-                self._buf.clear()
+                buf.clear()
             return
-        complete = bytes(self._buf[: end + 1])
-        del self._buf[: end + 1]
-        if b'"usage"' in complete:
-            for line in complete.splitlines():
-                self._sse_line(line)
+        if b'"usage"' in data:
+            for line in bytes(data[:end + 1]).splitlines():
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    if self._line is not None:
+                        self._decode(self._line)
+                    self._line = line
+        if data is buf:
+            del buf[:end + 1]
+        elif end + 1 < len(data):
+            buf += data[end + 1:]
 
-    def _sse_line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
-            return
+    def _decode(self, line: bytes) -> None:
         payload = line[5:].strip()
         try:
             usage = usage_from_object(_decoder.decode(payload))
@@ -103,12 +120,17 @@ class UsageParser:
 
     def finish(self) -> Usage | None:
         """Call at end of stream; returns the last usage seen, if any."""
-        if self._overflow:
-            return self.usage
         if self._sse:
-            if self._buf:
-                self._sse_line(bytes(self._buf).strip())
-        elif self._buf:
+            if not self._overflow and self._buf:
+                line = bytes(self._buf).strip()
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    if self._line is not None:
+                        self._decode(self._line)
+                    self._line = line
+            if self._line is not None:
+                self._decode(self._line)
+                self._line = None
+        elif self._buf and not self._overflow:
             try:
                 self.usage = usage_from_object(_decoder.decode(bytes(self._buf)))
             except msgspec.DecodeError:

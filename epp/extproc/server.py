@@ -18,6 +18,8 @@ from epp.extproc.stream import (
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     """Runs one :class:`ProtocolStream` per Envoy stream (one stream per HTTP request)."""
@@ -30,7 +32,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self,
         request_iterator: AsyncIterator[msg.ProcessingRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[msg.ProcessingResponse]:
+    ) -> AsyncIterator[msg.Answer]:
         """Answer Envoy's messages for one HTTP request, in order."""
         stream = ProtocolStream(self._director, max_body_bytes=self._max_body)
         try:
@@ -47,6 +49,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             stream.close()  # any ending, a reset included: settle the request once
 
 
+def _serialize(answer: msg.Answer) -> bytes:
+    # Streamed-body echoes arrive already serialized (see epp.extproc.wire).
+    return answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
+
+
 def add_to_server(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:
     """Register the servicer on a gRPC server."""
-    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Process, request_deserializer=msg.ProcessingRequest.FromString,
+        response_serializer=_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE_NAME, {"Process": handler}),))

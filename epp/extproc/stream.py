@@ -17,6 +17,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 
 from epp.errors import PayloadTooLargeError, RequestError
 from epp.extproc import messages as msg
+from epp.extproc import wire
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class ProtocolStream:
             return self.phase is Phase.REQUEST_BODY
         return False
 
-    async def handle(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+    async def handle(self, request: msg.ProcessingRequest) -> list[msg.Answer]:
         """Process one message from Envoy; never raises (errors become immediate responses)."""
         if not self.needs_routing(request):
             return self.handle_now(request)
@@ -168,7 +169,7 @@ class ProtocolStream:
             log.exception("ext_proc stream failed in phase %s", self.phase.value)
             return [self._refuse(RequestError("internal error in the endpoint picker"))]
 
-    def handle_now(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+    def handle_now(self, request: msg.ProcessingRequest) -> list[msg.Answer]:
         """Answer a message that does not route (see :meth:`needs_routing`)."""
         if self.phase is Phase.CLOSED:
             return []  # after an immediate response Envoy may still flush messages
@@ -236,7 +237,7 @@ class ProtocolStream:
         self._headers = msg.read_headers(request.request_headers.headers)
         self._subset = msg.read_subset_hint(request)
 
-    def _on_request_headers(self, request: msg.ProcessingRequest) -> list[msg.ProcessingResponse]:
+    def _on_request_headers(self, request: msg.ProcessingRequest) -> list[msg.Answer]:
         self._accept_request_headers(request)
         if self._request_mode == DUPLEX:
             self.phase = Phase.REQUEST_BODY
@@ -256,7 +257,7 @@ class ProtocolStream:
                 raise PayloadTooLargeError(f"request body exceeds {self._max_body} bytes")
             self._body.append(body.body)
 
-    async def _route_with_body(self, *, end_of_stream: bool) -> list[msg.ProcessingResponse]:
+    async def _route_with_body(self, *, end_of_stream: bool) -> list[msg.Answer]:
         raw = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
         routed = await self._route(raw or None)
@@ -288,7 +289,7 @@ class ProtocolStream:
     # -- response path --------------------------------------------------------------
 
     def _on_response_headers(self, headers: msg.pb.HttpHeaders, served: str | None
-                             ) -> list[msg.ProcessingResponse]:
+                             ) -> list[msg.Answer]:
         values = msg.read_headers(headers.headers)
         routed = self._routed
         if routed is not None:
@@ -302,13 +303,14 @@ class ProtocolStream:
             self._finish(completed=True)
         return [msg.EMPTY_RESPONSE_HEADERS]
 
-    def _on_response_body(self, body: msg.pb.HttpBody) -> list[msg.ProcessingResponse]:
+    def _on_response_body(self, body: msg.pb.HttpBody) -> list[msg.Answer]:
         if self._routed is not None:
             self._routed.on_response_body(body.body, body.end_of_stream)
         if body.end_of_stream:
             self._finish(completed=True)
         if self._response_mode == DUPLEX:
-            return [msg.response_body_echo(body.body, body.end_of_stream)]
+            # Every streamed token passes here: the echo is built as bytes, not protobuf.
+            return [wire.encode_response_body_echo(body.body, body.end_of_stream)]
         return [msg.EMPTY_RESPONSE_BODY]
 
     # -- endings --------------------------------------------------------------------

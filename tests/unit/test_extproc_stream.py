@@ -13,6 +13,7 @@ import pytest
 from epp.api.openai import LLMRequest
 from epp.datastore import Endpoint, EndpointPool
 from epp.devtools import fake_envoy as fe
+from epp.extproc.messages import pb
 from epp.extproc.stream import ProtocolStream
 from epp.observability.metrics import MAX_MODEL_LABELS, OTHER_MODEL, EppMetrics
 from epp.requestcontrol.admission import Admission, SaturationDetector
@@ -42,6 +43,8 @@ def admission() -> Admission:
 
 def summarize(resp: Any) -> tuple[Any, ...]:
     """A response reduced to the fields the protocol cares about."""
+    if isinstance(resp, bytes):  # answers the stream sends pre-serialized
+        resp = pb.ProcessingResponse.FromString(resp)
     kind = resp.WhichOneof("response")
     if kind == "immediate_response":
         ir = resp.immediate_response
