@@ -25,7 +25,8 @@ from epp.discovery.kubernetes import (
 from epp.discovery.static import EndpointsFileError
 from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.observability.logsetup import ENCODERS, configure_logging, verbosity_level
-from epp.runner import build_app
+from epp.runner import build_app, serve_until_stopped
+from epp.workers.supervisor import WorkerStartError, supervise
 
 log = logging.getLogger("epp")
 
@@ -122,6 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "prefix-cache scorer (also implied by kvEvents in the endpoints file)")
     p.add_argument("--extproc-server", choices=["h2", "grpc"], default="h2",
                    help="ext_proc transport: h2 (lean HTTP/2, default) or grpc (grpc.aio)")
+    p.add_argument("--workers", type=int, default=defaults.DEFAULT_WORKERS,
+                   help="processes serving the ext_proc port (SO_REUSEPORT), each a full "
+                   "replica with its own discovery, KV-event subscriptions and index; "
+                   "health and /metrics (merged) are served once, by a supervisor that "
+                   "restarts workers that die (default 1: a single process)")
     _add_tls_flags(p)
     p.add_argument("--enable-explain", action="store_true",
                    help="serve POST /debug/explain on the metrics port: how a request body "
@@ -309,6 +315,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         endpoints_reload_s=args.endpoints_reload_seconds,
         replica_sync_url=args.replica_sync_url,
         replica_sync_subject=args.replica_sync_subject,
+        workers=args.workers,
     )
 
 
@@ -317,22 +324,11 @@ async def serve(settings: EppSettings) -> None:
     ``drain_timeout_s`` or until a second signal, then stop gracefully."""
     app = build_app(settings)
     await app.start()
-    signals = asyncio.Queue[int]()
+    signals = asyncio.Queue[object]()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
-    await signals.get()
-    if settings.drain_timeout_s > 0:
-        log.info("draining for %.1fs: health NOT_SERVING, still accepting streams",
-                 settings.drain_timeout_s)
-        await app.health.start_draining()
-        try:
-            async with asyncio.timeout(settings.drain_timeout_s):
-                await signals.get()  # a second signal ends the drain early
-        except TimeoutError:
-            pass
-    log.info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
-    await app.stop()
+    await serve_until_stopped(app, signals)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(settings))
+            if settings.workers > 1:
+                runner.run(supervise(settings, log_encoder=log_encoder_from_args(args),
+                                     log_level=log_level_from_args(args)))
+            else:
+                runner.run(serve(settings))
+    except WorkerStartError as exc:
+        print(f"epp: error: {exc}", file=sys.stderr)
+        return exc.code
     except (ConfigError, EndpointsFileError, DiscoveryError) as exc:
         print(f"epp: error: {exc}", file=sys.stderr)
         return 2

@@ -11,8 +11,7 @@ import random
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from epp.config import ConfigError, EppSettings
 from epp.config.picker_config import PickerConfig, load_picker_config
@@ -28,6 +27,7 @@ from epp.extproc.h2server import H2ExtProcServer
 from epp.extproc.server import ExtProcServicer, add_to_server
 from epp.kvcache.service import KVCacheService
 from epp.observability.collectors import KVEventsCollector, KVIndexCollector, PoolCollector
+from epp.observability.exposition import render_latest
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
 from epp.observability.replica_sync import ReplicaSyncCollector
@@ -48,6 +48,7 @@ _GRPC_OPTIONS = [
     # A 62,000-byte body chunk plus headers fits easily; allow Envoy's larger messages.
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # A second process on our port is a mistake unless it is a sibling worker.
     ("grpc.so_reuseport", 0),
 ]
 
@@ -102,9 +103,10 @@ class App:
                                       verify_tls=cfg.metrics_source.verify_tls,
                                       on_task_failure=failed,
                                       metric_names=_engine_metrics(settings, cfg))
+        # A worker's page is for its supervisor only, which checks tokens itself.
         self.metrics_auth = MetricsAuthenticator(
             lambda: load_api_client(settings.kubeconfig)) \
-            if settings.metrics_endpoint_auth else None
+            if settings.metrics_endpoint_auth and settings.worker is None else None
         self._grpc: grpc.aio.Server | None = None
         self._h2: H2ExtProcServer | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -179,11 +181,14 @@ class App:
             self.metrics.registry.register(ReplicaSyncCollector(self.replica_sync,
                                                                 self.pool.snapshot))
 
+        worker = s.worker
         if s.extproc_server == "grpc":
             # grpc takes the first of repeated options: replace the default, don't append.
-            options = _GRPC_OPTIONS if not s.grpc_max_recv_msg_bytes else [
-                *(o for o in _GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"),
-                ("grpc.max_receive_message_length", s.grpc_max_recv_msg_bytes)]
+            replaced = {"grpc.so_reuseport": int(worker is not None)}
+            if s.grpc_max_recv_msg_bytes:
+                replaced["grpc.max_receive_message_length"] = s.grpc_max_recv_msg_bytes
+            options = [*(o for o in _GRPC_OPTIONS if o[0] not in replaced),
+                       *replaced.items()]
             self._grpc = grpc.aio.server(options=options)
             servicer = ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes)
             add_to_server(servicer, self._grpc)
@@ -197,15 +202,22 @@ class App:
             self._h2.on_tls_failure = self.metrics.count_tls_failure
             if s.grpc_max_recv_msg_bytes:
                 self._h2.max_message = s.grpc_max_recv_msg_bytes
-            self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port)
-        self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
-        self.health_port = self._bind(self._health_server, s.health_port)
-        await self._health_server.start()
+            self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port,
+                                                  reuse_port=worker is not None)
+        if worker is None:  # a worker's supervisor serves health for all of them
+            self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer,
+                                                         self._health_server)
+            self.health_port = self._bind(self._health_server, s.health_port)
+            await self._health_server.start()
         self.metrics_port = await self._start_metrics()
         self._on_pool_change(self.pool.snapshot())
-        log.info("endpoint picker serving: ext_proc :%d, health :%d, metrics :%d",
-                 self.grpc_port, self.health_port, self.metrics_port)
+        if worker is None:
+            log.info("endpoint picker serving: ext_proc :%d, health :%d, metrics :%d",
+                     self.grpc_port, self.health_port, self.metrics_port)
+        else:
+            log.info("worker %d serving: ext_proc :%d (shared), metrics on %s",
+                     worker.index, self.grpc_port, worker.metrics_socket)
 
     async def _start_tls(self) -> None:
         """Prepare the ext_proc port's certificate (the health port stays cleartext:
@@ -217,9 +229,15 @@ class App:
                             "cleartext h2c")
             log.info("ext_proc serves cleartext h2c (--secure-serving=false)")
             return
-        if s.enable_cert_reload and s.cert_path is None:
+        if s.enable_cert_reload and s.cert_path is None and s.worker is None:
             log.warning("--enable-cert-reload is ignored without --cert-path: the "
                         "self-signed certificate lives as long as the process")
+        if s.worker is not None and s.worker.certificate is not None:
+            # The supervisor's certificate: every worker presents the same one.
+            self.tls = ExtProcTls(s.worker.certificate, min_version=s.tls_min_version,
+                                  self_signed=True)
+            log.info("ext_proc serves %s", self.tls.describe())
+            return
         try:
             # Off the loop: file reads, a hostname lookup, key generation.
             self.tls = await asyncio.to_thread(
@@ -250,6 +268,9 @@ class App:
             app.router.add_post(EXPLAIN_PATH, self._explain_handler)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
+        if self.settings.worker is not None:
+            await web.UnixSite(self._http, self.settings.worker.metrics_socket).start()
+            return 0
         site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
         await site.start()
         server = site._server  # aiohttp exposes bound sockets only here
@@ -258,10 +279,9 @@ class App:
         return int(sockets[0].getsockname()[1])
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
-        # Collect on the loop (collectors read live state the loop mutates), render the
-        # text in a thread: formatting is most of the cost and would stall routing.
-        families = list(self.metrics.registry.collect())
-        body = await asyncio.to_thread(generate_latest, _Collected(families))
+        # On the loop (collectors read live state the loop mutates), in slices short
+        # enough that routing barely notices (a thread would hold the GIL for 5 ms turns).
+        body = await render_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _explain_handler(self, request: web.Request) -> web.Response:
@@ -314,16 +334,6 @@ class App:
         await self._stopped.wait()
 
 
-class _Collected:
-    """Metric families already collected, in the shape ``generate_latest`` reads."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
 def _engine_metrics(settings: EppSettings, cfg: PickerConfig) -> EngineMetrics:
     """The metric names to scrape: a ``core-metrics-extractor``'s ``defaultEngine`` or the
     metric-name flags (vLLM's names when neither is given); both naming different ones
@@ -360,3 +370,21 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
 def build_app(settings: EppSettings) -> App:
     """Construct (not start) an endpoint picker from settings."""
     return App(settings)
+
+
+async def serve_until_stopped(app: App, stop_requests: asyncio.Queue[object]) -> None:
+    """Serve a started app until the first stop request (SIGTERM, SIGINT); then drain
+    (health NOT_SERVING, still accepting streams) for ``drain_timeout_s`` or until a
+    second request, and stop gracefully."""
+    await stop_requests.get()
+    drain = app.settings.drain_timeout_s
+    if drain > 0:
+        log.info("draining for %.1fs: health NOT_SERVING, still accepting streams", drain)
+        await app.health.start_draining()
+        try:
+            async with asyncio.timeout(drain):
+                await stop_requests.get()  # a second request ends the drain early
+        except TimeoutError:
+            pass
+    log.info("shutting down (grace %.1fs)", app.settings.shutdown_grace_s)
+    await app.stop()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from epp.datalayer import scraper
 from epp.datalayer.parser import VLLM_METRICS, EngineMetrics
-from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
+from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS, ServerCertificate
 from epp.extproc.stream import DEFAULT_MAX_BODY_BYTES
 from epp.replicasync.settings import check_subject, default_subject, parse_servers
 
@@ -34,10 +34,30 @@ DEFAULT_DRAIN_TIMEOUT_S = 0.0
 # Largest gRPC message accepted on the ext_proc port (--grpc-max-recv-msg-size). 0 keeps
 # each transport's own limit: grpc.aio 8 MiB, h2 one whole request body plus framing.
 DEFAULT_GRPC_MAX_RECV_MSG_BYTES = 0
+# Processes serving the ext_proc port (--workers). 1 is a single process, no supervisor.
+DEFAULT_WORKERS = 1
+# More workers than this is a typo, not a deployment: each is a full replica (its own
+# index, subscriptions and scrapes of every pod), and a node has far fewer cores.
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What makes an app one worker of ``epp --workers N``; set by the supervisor, never
+    by a flag. A worker binds the ext_proc port with SO_REUSEPORT beside its siblings,
+    serves no health port (the supervisor does), and serves ``/metrics`` (and
+    ``/debug/explain``) only on ``metrics_socket``, a unix socket in the supervisor's
+    private directory, for the supervisor to merge."""
+
+    index: int
+    metrics_socket: str
+    # The supervisor's self-signed certificate, the same for every worker (None: the
+    # worker reads --cert-path itself, or serves cleartext).
+    certificate: ServerCertificate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,9 @@ class EppSettings:
     # --- several replicas: share pending picks and in-flight load over NATS -------------
     replica_sync_url: str | None = None  # nats://host:4222 (comma-separated: a cluster)
     replica_sync_subject: str | None = None  # None: epp.<pool>.routing
+    # --- several processes on one ext_proc port (epp.workers) ------------------------------
+    workers: int = DEFAULT_WORKERS
+    worker: WorkerRole | None = None  # set in a worker process only
 
     @property
     def pool_label(self) -> str:
@@ -154,3 +177,5 @@ class EppSettings:
                 raise ConfigError(f"--replica-sync-subject: {exc}") from None
         elif self.replica_sync_subject is not None:
             raise ConfigError("--replica-sync-subject needs --replica-sync-url")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers: {self.workers} is not between 1 and {MAX_WORKERS}")
