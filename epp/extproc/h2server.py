@@ -126,6 +126,8 @@ class _Connection(asyncio.Protocol):
         self._conn_unacked = 0  # inbound bytes not acknowledged at connection level
         self._write_paused = False
         self._peer_goaway = False
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class _Connection(asyncio.Protocol):
         except http2.ConnectionError as exc:
             log.warning("HTTP/2 protocol error from the proxy, closing its connection: %s",
                         exc)
-            self._flush()
+            self._write_out()
             if self._transport is not None:
                 self._transport.close()
             return
@@ -497,6 +499,15 @@ class _Connection(asyncio.Protocol):
             stream.protocol.close()
 
     def _flush(self) -> None:
+        """Write what is queued at the end of this event-loop iteration: answers to every
+        stream that made progress in it (reads, finished routing tasks) share one socket
+        write, and over TLS one record, instead of one each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -510,7 +521,7 @@ class _Connection(asyncio.Protocol):
 
     def goaway(self) -> None:
         """Tell Envoy to open no new streams here; open ones finish."""
-        self._flush()
+        self._write_out()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._h2.goaway_frame())
 
