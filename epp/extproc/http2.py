@@ -70,6 +70,8 @@ MAX_FRAME_LIMIT = 2**24 - 1
 LOCAL_MAX_FRAME = 65_536
 # A header block (HEADERS + CONTINUATION) larger than this is a flood, not a request.
 MAX_HEADER_BLOCK = 256 * 1024
+# Distinct all-indexed header blocks remembered per connection (see _only_indexed).
+INDEXED_BLOCK_CACHE = 64
 # Windows are acknowledged in batches: once a quarter of the granted window is consumed.
 ACK_FRACTION = 4
 
@@ -95,6 +97,23 @@ class StreamGoneError(Exception):
 def frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     """The 9-byte frame header."""
     return _HEAD.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id)
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Whether an HPACK block consists only of "indexed header field" representations
+    (RFC 7541 §6.1), which read the tables but never change them."""
+    i = 0
+    end = len(block)
+    while i < end:
+        byte = block[i]
+        if not byte & 0x80:
+            return False
+        i += 1
+        if byte == 0xFF:  # the index continues in 7-bit groups
+            while i < end and block[i] & 0x80:
+                i += 1
+            i += 1
+    return i == end
 
 
 # -- a stateless HPACK encoder --------------------------------------------------------
@@ -176,6 +195,11 @@ class ServerConnection:
         self._recv_unacked = 0
         self._pending_conn_grant = self._conn_granted - DEFAULT_WINDOW
         self._decoder = hpack.Decoder()
+        # Header blocks made only of table references, decoded: they leave the table as
+        # it is, so the same bytes decode the same until a block that is not one of them
+        # (which may change the table) clears this. A gRPC client opening call after call
+        # with the same headers sends the same such block every time.
+        self._indexed_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._decoder.max_header_list_size = max_header_list_size
         self._max_header_list = max_header_list_size
         self._header_sid = 0  # a header block is open on this stream (CONTINUATION follows)
@@ -337,13 +361,21 @@ class ServerConnection:
 
     def _header_block_done(self, sid: int, flags: int, block: bytes,
                            events: list[tuple[Any, ...]]) -> None:
-        # Decode even for streams we refuse: the peer's HPACK table changed either way.
-        try:
-            headers = self._decoder.decode(block, raw=True)
-        except OversizedHeaderListError:
-            raise self._connection_error(ENHANCE_YOUR_CALM, "header list too large") from None
-        except HPACKError as exc:
-            raise self._connection_error(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        headers = self._indexed_blocks.get(block)
+        if headers is None:
+            # Decode even for streams we refuse: the peer's HPACK table changes either way.
+            try:
+                headers = self._decoder.decode(block, raw=True)
+            except OversizedHeaderListError:
+                raise self._connection_error(ENHANCE_YOUR_CALM,
+                                             "header list too large") from None
+            except HPACKError as exc:
+                raise self._connection_error(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+            if _only_indexed(block):
+                if len(self._indexed_blocks) < INDEXED_BLOCK_CACHE:
+                    self._indexed_blocks[block] = headers
+            else:
+                self._indexed_blocks.clear()  # the table may have changed
         stream = self._streams.get(sid)
         if stream is not None:  # trailers
             if stream.remote_closed or not flags & END_STREAM:

@@ -4,11 +4,10 @@ Every output token of every streamed response crosses the picker twice: Envoy se
 chunk as a ``ProcessingRequest{response_body: HttpBody{body, end_of_stream}}`` and we echo
 it as a ``ProcessingResponse{response_body: BodyResponse{response: CommonResponse{
 body_mutation: BodyMutation{streamed_response: StreamedBodyResponse{body, end_of_stream}}}}}``.
-Both are a few bytes of framing around the same body, so they are parsed and built here
-directly from the wire format. Anything this reader does not recognise exactly (another
-field, a field twice, a flag we do not act on) returns None and the caller falls back to
-the full protobuf parse, so the fast path can only be faster, never different; the tests
-check both against ``xds-protos`` byte for byte.
+The echo is a fixed nest of length prefixes around the same body, so it is written here
+directly from the wire format instead of through four protobuf objects; the tests check
+it byte for byte against ``xds-protos``. Reading stays with protobuf: its C parser
+already reads a small message faster than Python could.
 """
 
 from __future__ import annotations
@@ -33,9 +32,10 @@ def _len(value: int) -> bytes:
     return _SMALL_VARINTS[value] if value < 16384 else _varint_bytes(value)
 
 
-def _streamed_body(response: bool, data: bytes, end: bool) -> bytes:
+def _streamed_body_head(response: bool, size: int, end: bool) -> bytes:
+    """Everything of the serialized message that precedes the body's bytes."""
     # StreamedBodyResponse{body, end_of_stream}; proto3 omits an empty body and a false flag.
-    inner_len = (1 + len(_len(len(data))) + len(data) if data else 0) + (2 if end else 0)
+    inner_len = (1 + len(_len(size)) + size if size else 0) + (2 if end else 0)
     mutation_len = 1 + len(_len(inner_len)) + inner_len  # BodyMutation{streamed_response}
     common_len = 1 + len(_len(mutation_len)) + mutation_len  # CommonResponse{body_mutation}
     body_len = 1 + len(_len(common_len)) + common_len  # BodyResponse{response}
@@ -44,12 +44,26 @@ def _streamed_body(response: bool, data: bytes, end: bool) -> bytes:
         _len(body_len), b"\x0a", _len(common_len), b"\x1a", _len(mutation_len),
         b"\x1a", _len(inner_len),
     ))
-    if not data:
-        return head + _END_TRUE if end else head
-    parts = [head, b"\x0a", _len(len(data)), data]
-    if end:
-        parts.append(_END_TRUE)
-    return b"".join(parts)
+    return head + b"\x0a" + _len(size) if size else head
+
+
+# Heads of echoes up to this size are kept: a streamed token is a few dozen to a few
+# hundred bytes of SSE, so a handful of sizes covers nearly every chunk (at most
+# 2 x 2 x 4,096 entries of ~12 bytes).
+_HEAD_CACHE_MAX_SIZE = 4096
+_heads: dict[tuple[bool, int, bool], bytes] = {}
+
+
+def _streamed_body(response: bool, data: bytes, end: bool) -> bytes:
+    size = len(data)
+    if size <= _HEAD_CACHE_MAX_SIZE:
+        key = (response, size, end)
+        head = _heads.get(key)
+        if head is None:
+            head = _heads[key] = _streamed_body_head(response, size, end)
+    else:
+        head = _streamed_body_head(response, size, end)
+    return head + data + _END_TRUE if end else head + data
 
 
 def encode_response_body_echo(data: bytes, end_of_stream: bool) -> bytes:
@@ -62,3 +76,17 @@ def encode_request_body_chunk(data: bytes, end_of_stream: bool) -> bytes:
     """The serialized ProcessingResponse that sends a request body chunk on (duplex mode);
     byte-identical to the protobuf ``request_body`` streamed response."""
     return _streamed_body(False, data, end_of_stream)
+
+
+def encode_request_body_chunks(body: bytes, end_of_stream: bool, chunk_size: int) -> list[bytes]:
+    """The request body sent on to Envoy as serialized streamed chunks of at most
+    ``chunk_size`` bytes (duplex mode); an empty body is one empty chunk."""
+    if not body:
+        return [encode_request_body_chunk(b"", end_of_stream)]
+    if len(body) <= chunk_size:
+        return [encode_request_body_chunk(body, end_of_stream)]
+    view = memoryview(body)
+    last = len(body) - 1
+    return [encode_request_body_chunk(bytes(view[i:i + chunk_size]),
+                                      end_of_stream and i + chunk_size > last)
+            for i in range(0, len(body), chunk_size)]
