@@ -279,10 +279,14 @@ class ServerConnection:
             elif kind == PING:
                 self._on_ping(sid, flags, payload)
             elif kind == GOAWAY:
-                if sid or length < 8:
-                    raise self._connection_error(PROTOCOL_ERROR, "malformed GOAWAY")
+                if sid:
+                    raise self._connection_error(PROTOCOL_ERROR, "GOAWAY on a stream")
+                if length < 8:
+                    raise self._connection_error(FRAME_SIZE_ERROR, "short GOAWAY")
                 events.append((EV_GOAWAY, _GOAWAY.unpack_from(payload)[1]))
             elif kind == PRIORITY:
+                if sid == 0:
+                    raise self._connection_error(PROTOCOL_ERROR, "PRIORITY on stream 0")
                 if length != 5:
                     self._stream_error(sid, FRAME_SIZE_ERROR, events)
             elif kind == PUSH_PROMISE:
@@ -384,11 +388,12 @@ class ServerConnection:
                 return
             self._remote_end(sid, stream, events)
             return
-        if sid <= self.highest_inbound_stream_id:
-            self._reset(sid, STREAM_CLOSED)  # a closed stream: nothing to deliver
-            return
         if not sid & 1:
             raise self._connection_error(PROTOCOL_ERROR, f"even stream id {sid} from a client")
+        if sid <= self.highest_inbound_stream_id:
+            # A closed stream (one we reset, or a reused id): nothing to deliver.
+            self._out.append(frame_header(4, RST_STREAM, 0, sid) + _U32.pack(STREAM_CLOSED))
+            return
         self.highest_inbound_stream_id = sid
         stream = _StreamState(self._peer_initial_window, self._stream_window)
         self._streams[sid] = stream
@@ -462,6 +467,9 @@ class ServerConnection:
                 self._peer_initial_window = value
                 for stream in self._streams.values():
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise self._connection_error(FLOW_CONTROL_ERROR,
+                                                     "stream window overflow")
                 grew = grew or delta > 0
             elif ident == SETTINGS_MAX_FRAME_SIZE:
                 if not DEFAULT_MAX_FRAME <= value <= MAX_FRAME_LIMIT:
