@@ -273,8 +273,8 @@ class ProtocolStream:
         return [
             msg.routed_headers_response(routed.destination, routed.set_headers, remove,
                                         scores=routed.endpoint_scores),
-            *wire.encode_request_body_chunks(raw if replacement is None else replacement,
-                                             end_of_stream, msg.MAX_BODY_CHUNK),
+            *msg.streamed_body_chunks(raw if replacement is None else replacement,
+                                      end_of_stream=end_of_stream),
         ]
 
     async def _route(self, body: bytes | None) -> RoutedRequest:

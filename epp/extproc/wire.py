@@ -77,16 +77,3 @@ def encode_request_body_chunk(data: bytes, end_of_stream: bool) -> bytes:
     byte-identical to the protobuf ``request_body`` streamed response."""
     return _streamed_body(False, data, end_of_stream)
 
-
-def encode_request_body_chunks(body: bytes, end_of_stream: bool, chunk_size: int) -> list[bytes]:
-    """The request body sent on to Envoy as serialized streamed chunks of at most
-    ``chunk_size`` bytes (duplex mode); an empty body is one empty chunk."""
-    if not body:
-        return [encode_request_body_chunk(b"", end_of_stream)]
-    if len(body) <= chunk_size:
-        return [encode_request_body_chunk(body, end_of_stream)]
-    view = memoryview(body)
-    last = len(body) - 1
-    return [encode_request_body_chunk(bytes(view[i:i + chunk_size]),
-                                      end_of_stream and i + chunk_size > last)
-            for i in range(0, len(body), chunk_size)]

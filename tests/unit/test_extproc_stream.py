@@ -190,7 +190,8 @@ async def test_large_body_is_sent_back_in_62000_byte_chunks_byte_identical() -> 
     stream = ProtocolStream(director)
     out = []
     for req in [fe.request_headers(), *fe.request_body_chunks(body, 16_384)]:
-        out.extend(await stream.handle(req))
+        out.extend(r if not isinstance(r, bytes) else pb.ProcessingResponse.FromString(r)
+                   for r in await stream.handle(req))
     assert out[0].WhichOneof("response") == "request_headers"
     chunks = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
     assert all(len(c.body) <= 62_000 for c in chunks)
