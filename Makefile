@@ -53,8 +53,12 @@ test-vllm: $(STAMP) $(VLLM_STAMP)
 bench-vllm: $(STAMP) $(VLLM_STAMP)
 	EPP_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m benchmarks.vllm_routing --replicas 1,2 $(BENCH_ARGS)
 
+# What the picker costs on the request path (benchmarks/overhead.py): Envoy round-robin vs
+# Envoy + EPP (h2/grpc.aio, TLS/cleartext, 1/2 workers), JSON and SSE answers, c=1 and 16,
+# CPU per request and per streamed chunk, the issue's goals; about 12 minutes on 2 cores.
+# BENCH_ARGS=--quick for a smoke run.
 bench-overhead: $(STAMP)
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
 
 # Robustness runs too long for `make test`: 10,000+ fuzz sequences per property, faulty
 # pods through Envoy, and the 30-minute soak (pod kills, endpoint churn, RSS over time).
