@@ -25,7 +25,7 @@ from epp.discovery.kubernetes import (
 from epp.discovery.static import EndpointsFileError
 from epp.extproc.certs import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from epp.observability.logsetup import ENCODERS, configure_logging, verbosity_level
-from epp.runner import build_app, serve_until_stopped
+from epp.runner import build_app, serve_until_stopped, settle_heap
 from epp.workers.supervisor import WorkerStartError, supervise
 
 log = logging.getLogger("epp")
@@ -324,6 +324,7 @@ async def serve(settings: EppSettings) -> None:
     ``drain_timeout_s`` or until a second signal, then stop gracefully."""
     app = build_app(settings)
     await app.start()
+    settle_heap()
     signals = asyncio.Queue[object]()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

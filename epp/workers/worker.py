@@ -34,7 +34,7 @@ from epp.datastore import Endpoint
 from epp.discovery.kubernetes import DiscoveryError
 from epp.discovery.static import EndpointsFileError
 from epp.observability.logsetup import configure_logging
-from epp.runner import build_app, serve_until_stopped
+from epp.runner import build_app, serve_until_stopped, settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ async def serve_worker(settings: EppSettings, status: StatusChannel, control_fd:
     loop.add_reader(control_fd, supervisor_gone)
     app = build_app(settings)
     await app.start()
+    settle_heap()
     reported: tuple[bool, bool] | None = None
 
     def report(endpoints: tuple[Endpoint, ...]) -> None:

@@ -57,7 +57,7 @@ class WorkersStack(LocalStack):
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersStack]:
     s = WorkersStack(tmp_path_factory.mktemp("workers"), StackPorts.free(2),
-                     envoy_concurrency=1, epp_args=["--workers", "2"])
+                     envoy_concurrency=1, epp_args=["--workers", "2", "--enable-explain"])
     s.start()
     yield s
     s.stop()
@@ -135,6 +135,14 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (its sockets are closed; its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _health(port: int, service: str) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -195,6 +203,16 @@ def test_health_is_served_once_for_all_workers(workers: WorkersStack) -> None:
         assert _health(port, service) == SERVING, service
 
 
+def test_explain_is_answered_by_a_worker(workers: WorkersStack) -> None:
+    url = f"http://127.0.0.1:{workers.ports.epp_metrics}/debug/explain"
+    body = {"model": "qwen3", "messages": [{"role": "user", "content": "hello"}]}
+    reply = post(url + "?path=/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["destination"] in workers.sim_addresses
+    bad = post(url, b"{not json")
+    assert bad.status == 400 and "not valid JSON" in bad.json()["error"]["message"]
+
+
 def test_every_worker_presents_the_supervisors_certificate(workers: WorkersStack) -> None:
     assert workers.epp is not None
     log = workers.epp.log_path.read_text()
@@ -217,6 +235,9 @@ def test_a_killed_worker_comes_back_while_the_other_routes(workers: WorkersStack
     before = _total(_page(workers), "inference_objective_request_total")
     victim = _children(workers.epp.pid)[0]
     os.kill(victim, signal.SIGKILL)
+    # Connections that reach its listening socket while it is being torn down are lost
+    # (Envoy answers 503 for their streams); once it is gone, the other worker takes all.
+    _wait_for("the worker's exit", lambda: _exited(victim))
     assert all(_chat(workers, 200 + i) == 200 for i in range(10))
 
     def restarted() -> bool:
