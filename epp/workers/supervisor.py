@@ -291,6 +291,8 @@ class Supervisor:
 
     async def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
+        if self._stopping:  # a restart that came due as the supervisor began to stop
+            return
         slot.generation += 1
         slot.serving = slot.synced = slot.endpoints = False
         slot.error = None
@@ -370,8 +372,9 @@ class Supervisor:
             message = why or (f"worker {slot.index} exited before serving "
                               f"({describe_exit(code)}; its log is above)")
             self._startup.set_exception(WorkerStartError(message, exit_code))
+            self._stopping = True  # a failed start stops the others: no restarts
             return
-        if self._stopping or self._startup is not None:
+        if self._stopping:
             if code != 0:
                 log.warning("worker %d stopped (%s)", slot.index, describe_exit(code))
             return
@@ -456,6 +459,10 @@ class Supervisor:
         """Stop after a failed start: workers stop without a drain, then everything
         else closes."""
         self._stopping = True
+        for slot in self.slots:
+            if slot.restart is not None:
+                slot.restart.cancel()
+                slot.restart = None
         await self.health.shutting_down()
         if any(s.process is not None for s in self.slots):
             self._signal_all(signal.SIGTERM)  # the first starts a drain, the second ends it
