@@ -13,14 +13,23 @@ Throughput is blocks per CPU-second of the ingesting thread (``time.thread_time`
 what one core sustains, and steady on a shared machine where wall time is not. Cells,
 each run for ``--seconds`` of wall time:
 
-- ``decode_batch`` to a no-op sink and to the real ``BlockIndex``;
+- ``decode_batch`` to a no-op sink and to the real ``BlockIndex``; the payloads are
+  cycled, so after the first round the index sees its blocks stored again (a replay);
+- ``store+remove``: before each batch is stored again, a ``BlockRemoved`` batch takes its
+  blocks out (decoded too), so every block is stored new and removed once, at a steady
+  index size: what an engine that fills and evicts its cache sends;
 - the generic decode path (plain msgpack objects, then per-event conversion) to a
   no-op sink: the alternative the fast typed path was measured against;
 - end to end over loopback ZMQ (a publisher process, a ``KVEventSubscriber`` with its
   sequence tracking): receive + decode + deliver in the subscriber's thread, from its
   first delivery to its last (the publisher and ZMQ's I/O thread run elsewhere).
 
+``--baseline-ref REF`` also loads ``epp/kvcache/index.py`` as of git revision ``REF`` and
+runs the index cells against both, interleaved round by round (``--rounds``), with the
+median ratio new/old: the way to compare two versions on a machine whose speed drifts.
+
     .venv/bin/python benchmarks/kv_ingest.py [--seconds 2] [--quick] [--no-zmq]
+        [--baseline-ref REF [--rounds 5]]
 """
 
 from __future__ import annotations
@@ -30,9 +39,14 @@ import asyncio
 import hashlib
 import multiprocessing
 import random
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import msgspec
 import zmq
@@ -42,7 +56,7 @@ from epp.datastore import Endpoint
 from epp.kvcache import events
 from epp.kvcache.index import BlockIndex
 from epp.kvcache.subscriber import KVEventsSettings, KVEventSubscriber
-from epp.kvcache.types import ApplyResult, EventSink, KVEventBatch
+from epp.kvcache.types import ApplyResult, BlockStored, EventSink, KVEventBatch
 
 BLOCK_SIZE = 16
 BLOCKS_PER_BATCH = 16
@@ -62,6 +76,20 @@ class NoopSink:
 
     def clear_endpoint(self, endpoint: str) -> None:
         pass
+
+
+def load_index_module(ref: str) -> ModuleType:
+    """``epp/kvcache/index.py`` as of git revision ``ref``, loaded beside the current one
+    (its own imports come from the working tree)."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{ref}:epp/kvcache/index.py"], cwd=repo,
+                            check=True, capture_output=True, text=True).stdout
+    name = "baseline_index_" + "".join(c if c.isalnum() else "_" for c in ref)
+    module = ModuleType(name)
+    module.__file__ = f"{ref}:epp/kvcache/index.py"
+    sys.modules[name] = module  # dataclasses look their module up by name
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
 
 
 def make_payloads(encoding: str, hash_form: str, shape: str, seed: int = 7) -> list[bytes]:
@@ -98,6 +126,18 @@ def make_payloads(encoding: str, hash_form: str, shape: str, seed: int = 7) -> l
     return out
 
 
+def removal_payloads(payloads: list[bytes]) -> list[bytes]:
+    """Per store batch, a ``BlockRemoved`` batch (GPU) naming the same blocks, encoded as
+    vLLM before 0.26 encodes it."""
+    out = []
+    for p in payloads:
+        batch = events.decode_batch(p)
+        hashes = [h for ev in batch.events if isinstance(ev, BlockStored)
+                  for h in ev.block_hashes]
+        out.append(msgspec.msgpack.encode([time.time(), [["BlockRemoved", hashes, "GPU"]], 0]))
+    return out
+
+
 @dataclass
 class Cell:
     path: str
@@ -118,6 +158,25 @@ def run_direct(decode: Callable[[bytes], KVEventBatch], sink: EventSink,
     cpu_start = time.thread_time()
     while time.perf_counter() < deadline:
         for p in payloads:
+            sink.apply_batch("pod-0", decode(p))
+        batches += len(payloads)
+    cpu = time.thread_time() - cpu_start
+    return batches * BLOCKS_PER_BATCH / cpu, cpu / batches * 1e6
+
+
+def run_churn(decode: Callable[[bytes], KVEventBatch], sink: EventSink,
+              payloads: list[bytes], removals: list[bytes], seconds: float
+              ) -> tuple[float, float]:
+    """Stored blocks per CPU-second when each batch's blocks are removed before it is
+    stored again (the removals' decoding and application count)."""
+    for p in payloads:  # fill: the index holds every batch once
+        sink.apply_batch("pod-0", decode(p))
+    batches = 0
+    deadline = time.perf_counter() + seconds
+    cpu_start = time.thread_time()
+    while time.perf_counter() < deadline:
+        for r, p in zip(removals, payloads):
+            sink.apply_batch("pod-0", decode(r))
             sink.apply_batch("pod-0", decode(p))
         batches += len(payloads)
     cpu = time.thread_time() - cpu_start
@@ -201,11 +260,43 @@ def new_index() -> BlockIndex:
     return BlockIndex(model="bench", capacity_blocks=10_000_000)
 
 
+def compare_with_baseline(ref: str, rounds: int, seconds: float) -> None:
+    """The index cells against the index of ``ref``, interleaved round by round."""
+    baseline = load_index_module(ref)
+    factories: dict[str, Callable[[], EventSink]] = {
+        "new": new_index,
+        "old": lambda: baseline.BlockIndex(model="bench", capacity_blocks=10_000_000)}
+    print()
+    print(f"Index against {ref} (median of {rounds} interleaved rounds of {seconds} s; "
+          f"decode included, array encoding, int hashes)")
+    print()
+    print("| events x blocks | mode | old blocks/s | new blocks/s | new/old |")
+    print("|---|---|---:|---:|---:|")
+    for shape in SHAPES:
+        ps = make_payloads("array", "int", shape)
+        rs = removal_payloads(ps)
+        for mode in ("stored again", "store+remove"):
+            got: dict[str, list[float]] = {"old": [], "new": []}
+            for _ in range(rounds):
+                for name, factory in factories.items():
+                    result = (run_direct(events.decode_batch, factory(), ps, seconds)
+                              if mode == "stored again" else
+                              run_churn(events.decode_batch, factory(), ps, rs, seconds))
+                    got[name].append(result[0])
+            ratio = statistics.median(n / o for n, o in zip(got["new"], got["old"]))
+            print(f"| {shape} | {mode} | {statistics.median(got['old']):,.0f} | "
+                  f"{statistics.median(got['new']):,.0f} | {ratio:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per cell")
     parser.add_argument("--quick", action="store_true", help="0.3 s per cell")
     parser.add_argument("--no-zmq", action="store_true", help="skip the end-to-end cells")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="also compare the index with epp/kvcache/index.py at git REF")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds per cell of the baseline comparison")
     args = parser.parse_args()
     seconds = 0.3 if args.quick else args.seconds
 
@@ -226,6 +317,9 @@ def main() -> None:
                 run_direct(events.decode_batch, NoopSink(), ps, seconds))
             add("decode_batch", enc, h, shape, "index",
                 run_direct(events.decode_batch, new_index(), ps, seconds))
+        ps = payloads[("array", "int", shape)]
+        add("store+remove", "array", "int", shape, "index",
+            run_churn(events.decode_batch, new_index(), ps, removal_payloads(ps), seconds))
         for enc in ("array", "map"):
             add("generic path", enc, "int", shape, "no-op",
                 run_direct(events._decode_generic, NoopSink(),
@@ -250,6 +344,8 @@ def main() -> None:
         ok = "yes" if c.blocks_per_s >= GOAL_BLOCKS_PER_S else "no"
         print(f"| {c.path} | {c.encoding} | {c.hashes} | {c.shape} | {c.sink} | "
               f"{c.blocks_per_s:,.0f} | {c.us_per_batch:.1f} | {ok} |")
+    if args.baseline_ref:
+        compare_with_baseline(args.baseline_ref, args.rounds, seconds)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ Layout, chosen for memory and for O(blocks) prefix lookups over all endpoints at
   capacity too.
 
 Both are compact tables (:mod:`epp.kvcache.compact`): 64-bit keys in typed arrays rather
-than dicts of int objects, ~45 B per (block, endpoint) entry against ~120 B for dicts.
+than dicts of int objects, 38-52 B per (block, endpoint) entry against 112-130 B for dicts
+(``benchmarks/prefix_scheduling.py``). The price is CPU on the event path: a probe
+written in Python costs several dict look-ups, so storing and removing blocks takes more
+time than with dicts (``benchmarks/kv_ingest.py``); lookups skip runs of keys held alike
+and are not slower.
 
 Longest-prefix lookup walks the request's keys once, AND-ing the bitmasks: every
 endpoint's match length falls out of one pass, however many endpoints there are.
@@ -310,6 +314,7 @@ class BlockIndex:
         e_view = by_engine.view
         e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
         t_keys, t_masks = holders.keys, holders.masks
+        removed = 0
         for engine_hash in ev.block_hashes:
             i = engine_hash * e_mult >> e_shift & e_mask
             while True:
@@ -324,7 +329,7 @@ class BlockIndex:
                     continue
                 if not holders.clear_bits(key, bit) & other_tier:
                     by_engine.pop(engine_hash)
-                result.removed += 1
+                removed += 1
                 continue
             key = e_keys[p]
             j = e_ids[p]
@@ -341,7 +346,8 @@ class BlockIndex:
                 if by_engine.view is not e_view:
                     e_view = by_engine.view
                     e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
-            result.removed += 1
+            removed += 1
+        result.removed += removed
 
     def _clear(self, eb: _EndpointBlocks) -> None:
         self.pending_dropped += len(eb.pending)

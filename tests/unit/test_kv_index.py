@@ -180,3 +180,48 @@ def test_an_engine_hash_stored_again_for_other_tokens_releases_the_old_block() -
     assert idx.match(request_keys(idx, TOKENS[8:16]), ["a"])["a"].blocks == 2
     idx.apply_batch("a", batch(BlockRemoved((1, 2))))
     assert len(idx) == 0  # nothing left that no removal could reach
+
+
+def test_a_forgotten_blocks_engine_entry_never_touches_the_block_that_took_its_place() -> None:
+    # Forgetting drops a block no one else holds while its engine entry stays; the table
+    # then reuses the block's slot for the next new block. The entry must still name the
+    # forgotten block, whether the engine removes it or stores it again.
+    idx = BlockIndex(model="m")
+    first = request_keys(idx, TOKENS[:4])
+    other = request_keys(idx, TOKENS[4:8])  # the same tokens with no parent: a new block
+    idx.apply_batch("a", batch(stored([1], None, TOKENS[:4])))
+    assert idx.forget("a", first) == 1 and len(idx) == 0 and idx.blocks_of("a") == 1
+    idx.apply_batch("a", batch(stored([2], None, TOKENS[4:8])))
+    idx.apply_batch("a", batch(BlockRemoved((1,))))
+    assert idx.match(other, ["a"])["a"].blocks == 1 and idx.blocks_of("a") == 1
+
+    idx.apply_batch("a", batch(stored([1], None, TOKENS[:4])))
+    assert idx.forget("a", first) == 1
+    idx.apply_batch("b", batch(stored([7], None, TOKENS[8:12])))
+    idx.apply_batch("a", batch(stored([1], None, TOKENS[:4])))  # the engine stores it again
+    assert idx.match(first, ["a"])["a"].blocks == 1
+    assert idx.match(request_keys(idx, TOKENS[8:12]), ["a", "b"]) == {
+        "a": EndpointMatch(0, 0), "b": EndpointMatch(1, 1)}
+
+
+def test_engine_hashes_outside_uint64_are_taken_modulo_2_64() -> None:
+    # The event decoder folds every hash to uint64; events built by hand may not be.
+    idx = BlockIndex(model="m")
+    idx.apply_batch("a", batch(stored([-1, 2**64 + 5], None, TOKENS[:8])))
+    r = idx.apply_batch("a", batch(stored([9], 5, TOKENS[8:12])))
+    assert r.stored == 1 and idx.blocks_of("a") == 3
+    idx.apply_batch("a", batch(BlockRemoved((2**64 - 1,))))
+    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"].blocks == 0
+    assert idx.blocks_of("a") == 2
+
+
+def test_a_replayed_store_of_known_blocks_changes_nothing() -> None:
+    idx = BlockIndex(model="m")
+    events = batch(stored([1, 2, 3], None, TOKENS[:12]), stored([4], 3, TOKENS[12:16], "CPU"))
+    idx.apply_batch("a", events)
+    idx.apply_batch("b", events)
+    before = idx.match(request_keys(idx, TOKENS), ["a", "b"])
+    for _ in range(2):
+        idx.apply_batch("a", events)
+    assert idx.match(request_keys(idx, TOKENS), ["a", "b"]) == before
+    assert before["a"] == EndpointMatch(4, 3) and len(idx) == 4 and idx.blocks_of("a") == 4
