@@ -188,10 +188,11 @@ LOOKUP_BLOCKS = 375  # 6,000 tokens
 FILLER_CHAINS = 200  # other prefixes each endpoint holds, 64 blocks each
 
 
-def lookup_cases(module: ModuleType, pods: int) -> dict[str, Callable[[], Any]]:
+def lookup_cases(module: ModuleType, pods: int) -> dict[str, Callable[[], float]]:
     """One index: every endpoint holds a 375-block prefix (and 200 others); a sibling
     request's pick is pending on one endpoint for a prompt that shares the first 200
-    blocks, and another pick for a prompt no one holds."""
+    blocks, and another pick for a prompt no one holds. Each case returns the seconds
+    its call took."""
     rng = random.Random(3)
     index = module.BlockIndex(model="m", capacity_blocks=10**7)
     tokens = [rng.randrange(150_000) for _ in range(LOOKUP_BLOCKS * 16)]
@@ -213,12 +214,34 @@ def lookup_cases(module: ModuleType, pods: int) -> dict[str, Callable[[], Any]]:
     index.add_pending("p1", sibling, 1e9)
     index.add_pending("p0", new, 1e9)
     names = [f"p{e}" for e in range(pods)]
+    clock = time.perf_counter
+
+    def timed(call: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = clock()
+            call()
+            return clock() - t0
+        return run
+
+    def add() -> float:
+        t0 = clock()
+        pick = index.add_pending(f"p{pods - 1}", new, 5.0)
+        took = clock() - t0
+        index.drop_pending(pick)
+        return took
+
+    def drop() -> float:
+        pick = index.add_pending(f"p{pods - 1}", new, 5.0)
+        t0 = clock()
+        index.drop_pending(pick)
+        return clock() - t0
+
     return {
-        "held prefix": lambda: index.match(held, names),
-        "held + pending suffix": lambda: index.match(sibling, names),
-        "pending only": lambda: index.match(new, names),
-        "pending pick (add, drop)": lambda: index.drop_pending(
-            index.add_pending(f"p{pods - 1}", new, 5.0)),
+        "held prefix": timed(lambda: index.match(held, names)),
+        "held + pending suffix": timed(lambda: index.match(sibling, names)),
+        "pending only": timed(lambda: index.match(new, names)),
+        "pending pick: add": add,
+        "pending pick: drop": drop,
     }
 
 
@@ -227,15 +250,11 @@ def lookup_latency(indexes: dict[str, ModuleType], pods: int, rounds: int
     """Per case and index module, seconds per call, alternating between the modules."""
     cases = {name: lookup_cases(module, pods) for name, module in indexes.items()}
     out: dict[str, dict[str, list[float]]] = {}
-    clock = time.perf_counter
     for case in next(iter(cases.values())):
         out[case] = {name: [] for name in indexes}
         for r in range(rounds):
             for name in (indexes if r % 2 else reversed(list(indexes))):
-                call = cases[name][case]
-                t0 = clock()
-                call()
-                out[case][name].append(clock() - t0)
+                out[case][name].append(cases[name][case]())
     return out
 
 

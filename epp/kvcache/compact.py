@@ -73,10 +73,11 @@ class BlockTable(_ProbeTable):
     id is reused. ``masks[0]`` is 0 and no key has id 0; a free id's key is 0.
 
     Removing a key shifts the rest of its probe run back over the hole, so no tombstones
-    pile up and the table is only rebuilt to grow: rebuilding millions of keys in Python
-    would stall for a second.
+    pile up and only growth rebuilds the table: a rebuild of a million keys takes most of
+    a second in Python, which growth pays a few times in the index's life and periodic
+    tombstone clean-ups would pay for ever.
 
-    A key's home is ``key >> offset & mask``: block keys are uint64.
+    A key's home is ``key >> offset & mask`` (block keys are uniform uint64).
 
     ``view`` is ``(slots, keys, masks, offset, mask)`` for loops that probe themselves; a
     new tuple after growth.
@@ -112,7 +113,7 @@ class BlockTable(_ProbeTable):
     def __len__(self) -> int:
         return self.count
 
-    # The probe loop is written out in each method: a call costs as much as it.
+    # The probe loop is written out in the methods below: a call costs as much as it.
 
     def find(self, key: int) -> tuple[int, int]:
         """(slot, id) of ``key``, or (the empty slot that ends its probe run, 0)."""
@@ -123,7 +124,6 @@ class BlockTable(_ProbeTable):
             if not j or keys[j] == key:
                 return i, j
             i = (i + 1) & mask
-
 
     def get(self, key: int) -> int:
         """The key's mask, 0 when no one holds it."""

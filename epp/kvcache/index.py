@@ -264,8 +264,8 @@ class BlockIndex:
                 i = (i + 1) & e_mask
             if p and e_keys[p] == key:  # stored again (a replay)
                 j = e_ids[p]
-                if t_keys[j] == key and t_masks[j]:  # the id still names the key
-                    old = t_masks[j]
+                old = t_masks[j]
+                if old and t_keys[j] == key:  # the id still names the key
                     if old | bit != old:
                         t_masks[j] = old | bit
                     continue
@@ -350,9 +350,7 @@ class BlockIndex:
         result.removed += removed
 
     def _clear(self, eb: _EndpointBlocks) -> None:
-        self.pending_dropped += len(eb.pending)
-        for key in list(eb.pending):
-            self._unpend(eb, key)
+        self.pending_dropped += self._unpend_many(eb, list(eb.pending), None)
         both = 0b11 << (2 * eb.slot)
         clear_bits = self._holders.clear_bits
         for key in eb.by_engine_hash.values():
@@ -413,7 +411,6 @@ class BlockIndex:
         pending_tier, mine = self._pending, eb.pending
         probe, table_keys, masks, offset, mask = self._holders.view
         added = []
-        entered = 0
         for key in keys:
             s = key >> offset & mask  # BlockTable.get, written out (see match)
             while True:
@@ -421,14 +418,14 @@ class BlockIndex:
                 if not j or table_keys[j] == key:
                     break
                 s = (s + 1) & mask
-            if masks[j] & both:
-                continue
+            if not masks[j] & both:
+                added.append(key)
+        before = len(mine)
+        for key in added:
             if key not in mine:
                 pending_tier[key] = pending_tier.get(key, 0) | gpu
-                entered += 1
-            mine[key] = expires
-            added.append(key)
-        self._pending_count += entered
+        mine.update(dict.fromkeys(added, expires))
+        self._pending_count += len(mine) - before
         pick = PendingPick(endpoint, tuple(added), expires)
         if added:
             self.pending_added += len(added)
@@ -442,13 +439,8 @@ class BlockIndex:
         """The request behind ``pick`` failed: its pending entries go, unless a later
         pick of the same keys on the same endpoint renewed them."""
         eb = self._endpoints.get(pick.endpoint)
-        if eb is None:
-            return
-        mine = eb.pending
-        for key in pick.keys:
-            if mine.get(key) == pick.expires:
-                self._unpend(eb, key)
-                self.pending_dropped += 1
+        if eb is not None:
+            self.pending_dropped += self._unpend_many(eb, pick.keys, pick.expires)
 
     def _unpend(self, eb: _EndpointBlocks, key: int) -> None:
         del eb.pending[key]
@@ -459,6 +451,26 @@ class BlockIndex:
         else:
             self._pending.pop(key, None)
 
+    def _unpend_many(self, eb: _EndpointBlocks, keys: Iterable[int],
+                     expires: float | None) -> int:
+        """``_unpend`` for each of ``keys`` pending on ``eb`` with expiry ``expires`` (any
+        expiry: None). Returns how many went."""
+        mine, tier = eb.pending, self._pending
+        keep = ~eb.bits[0]
+        gone = 0
+        for key in keys:
+            at = mine.get(key)
+            if at is not None and (expires is None or at == expires):
+                del mine[key]
+                mask = tier.get(key, 0) & keep
+                if mask:
+                    tier[key] = mask
+                else:
+                    tier.pop(key, None)
+                gone += 1
+        self._pending_count -= gone
+        return gone
+
     def _expire(self, now: float, limit: int | None = None) -> None:
         """Drop pending entries whose expiry has passed (or, with ``limit``, that many
         entries from the soonest-expiring picks on)."""
@@ -467,13 +479,8 @@ class BlockIndex:
         while heap and (heap[0][0] <= now) and (limit is None or dropped < limit):
             expires, _, name, keys = heapq.heappop(heap)
             eb = self._endpoints.get(name)
-            if eb is None:
-                continue
-            mine = eb.pending
-            for key in keys:
-                if mine.get(key) == expires:
-                    self._unpend(eb, key)
-                    dropped += 1
+            if eb is not None:
+                dropped += self._unpend_many(eb, keys, expires)
         if limit is None:
             self.pending_expired += dropped
         else:
