@@ -4,18 +4,10 @@ Layout, chosen for memory and for O(blocks) prefix lookups over all endpoints at
 
 - ``_holders``: block key -> an int bitmask; endpoint slot ``s`` owns bit ``2s`` (GPU)
   and bit ``2s + 1`` (CPU and other offload tiers).
-- per endpoint, engine hash -> block key, in insertion order: how ``BlockRemoved`` (which
-  names vLLM's hashes) finds our key, and the endpoint's reverse set, so clearing one pod
-  is O(its blocks). Every entry names a key the endpoint holds in ``_holders``: capacity
-  eviction goes through these maps, oldest first, so they are bounded by the index's
-  capacity too.
-
-Both are compact tables (:mod:`epp.kvcache.compact`): 64-bit keys in typed arrays rather
-than dicts of int objects, 38-52 B per (block, endpoint) entry against 112-130 B for dicts
-(``benchmarks/prefix_scheduling.py``). The price is CPU on the event path: a probe
-written in Python costs several dict look-ups, so storing and removing blocks takes more
-time than with dicts (``benchmarks/kv_ingest.py``); lookups skip runs of keys held alike
-and are not slower.
+- per endpoint, engine hash -> block key: how ``BlockRemoved`` (which names vLLM's hashes)
+  finds our key, and the endpoint's reverse set, so clearing one pod is O(its blocks).
+  Every entry names a key the endpoint holds in ``_holders``: capacity eviction goes
+  through these maps, so they are bounded by the index's capacity too.
 
 Longest-prefix lookup walks the request's keys once, AND-ing the bitmasks: every
 endpoint's match length falls out of one pass, however many endpoints there are.
@@ -45,7 +37,6 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from epp.kvcache.compact import BlockTable, EngineHashMap
 from epp.kvcache.keys import chain_keys, root_key
 from epp.kvcache.types import (
     MEDIUM_GPU,
@@ -76,15 +67,12 @@ PENDING_WEIGHT = 1.0
 # expiry heap's share). 1M entries hold 4,000 concurrent requests of 256 blocks (4k
 # tokens at 16 per block); past it the soonest-expiring picks go first.
 DEFAULT_MAX_PENDING = 1_000_000
-# Root keys remembered per index (base model + LoRA adapters seen in events and requests);
-# past it a root is hashed each time, so adapter names cannot grow the cache.
-MAX_CACHED_ROOTS = 1024
 
 
 @dataclass(slots=True)
 class _EndpointBlocks:
     slot: int
-    by_engine_hash: EngineHashMap = field(default_factory=EngineHashMap)  # -> our key
+    by_engine_hash: dict[int, int] = field(default_factory=dict)  # engine hash -> our key
     bits: tuple[int, int] = (0, 0)  # (GPU bit, offload bit), shared int objects
     pending: dict[int, float] = field(default_factory=dict)  # key -> expiry (monotonic)
 
@@ -137,8 +125,7 @@ class BlockIndex:
         self.capacity_blocks = capacity_blocks
         self.max_pending = max_pending
         self._clock = clock
-        self._holders = BlockTable()
-        self._roots: dict[str | None, int] = {}
+        self._holders: dict[int, int] = {}
         # Pending tier: key -> GPU-bit mask; expiries in a heap of (expires, seq, name, keys).
         self._pending: dict[int, int] = {}
         self._pending_heap: list[tuple[float, int, str, tuple[int, ...]]] = []
@@ -182,12 +169,7 @@ class BlockIndex:
 
     def root(self, lora_name: str | None) -> int:
         """Root key for a request or event on this index's model."""
-        root = self._roots.get(lora_name)
-        if root is None:
-            root = root_key(self.model, lora_name)
-            if len(self._roots) < MAX_CACHED_ROOTS:
-                self._roots[lora_name] = root
-        return root
+        return root_key(self.model, lora_name)
 
     # -- writes (EventSink) ---------------------------------------------------------
 
@@ -219,142 +201,76 @@ class BlockIndex:
             # stores (block_size 0, no tokens) carry nothing to key.
             result.skipped += 1
             return
-        by_engine = eb.by_engine_hash
-        # The tables' probe loops are written out here and in _removed: a method call per
-        # block costs as much as the probe. A view is taken again after an insert that
-        # rebuilt its table.
-        e_view = by_engine.view
-        e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
-        parent_hash = ev.parent_block_hash
-        if parent_hash is None:
+        if ev.parent_block_hash is None:
             parent = self.root(ev.lora_name)
         else:
-            i = parent_hash * e_mult >> e_shift & e_mask
-            while True:
-                p = e_slots[i]
-                if not p:
-                    found = by_engine.get(parent_hash)  # (None, unless not a uint64)
-                    if found is None:
-                        result.missing_parent += 1
-                        return
-                    parent = found
-                    break
-                if e_hashes[p] == parent_hash and e_live[p]:
-                    parent = e_keys[p]
-                    break
-                i = (i + 1) & e_mask
+            found = eb.by_engine_hash.get(ev.parent_block_hash)
+            if found is None:
+                result.missing_parent += 1
+                return
+            parent = found
         if ev.lora_name:
             self.known_loras.add(ev.lora_name)
         keys = (chain_keys(ev.token_ids, ev.block_size, parent) if ev.extra_keys is None
                 else _keys_with_extras(ev, parent))
         bit = eb.bits[0 if ev.medium in (None, MEDIUM_GPU) else 1]
         holders = self._holders
-        t_view = holders.view
-        t_slots, t_keys, t_masks, t_offset, t_mask = t_view
+        by_engine = eb.by_engine_hash
         pending = eb.pending
         for engine_hash, key in zip(ev.block_hashes, keys):
             if pending and key in pending:
                 self._unpend(eb, key)
                 self.pending_confirmed += 1
-            i = engine_hash * e_mult >> e_shift & e_mask
-            while True:
-                p = e_slots[i]
-                if not p or e_hashes[p] == engine_hash and e_live[p]:
-                    break
-                i = (i + 1) & e_mask
-            if p and e_keys[p] == key:  # stored again (a replay)
-                j = e_ids[p]
-                old = t_masks[j]
-                if old and t_keys[j] == key:  # the id still names the key
-                    if old | bit != old:
-                        t_masks[j] = old | bit
-                    continue
-            # BlockTable.add: the key's id, with this endpoint's bit.
-            s = key >> t_offset & t_mask
-            while True:
-                j = t_slots[s]
-                if not j:
-                    # Held by this endpoint alone: the mask is its shared bit object.
-                    j = holders.insert_at(s, key, bit)
-                    if holders.view is not t_view:
-                        t_view = holders.view
-                        t_slots, t_keys, t_masks, t_offset, t_mask = t_view
-                    break
-                if t_keys[j] == key:
-                    old = t_masks[j]
-                    if old | bit != old:
-                        t_masks[j] = old | bit
-                    break
-                s = (s + 1) & t_mask
-            if not p:
-                previous = by_engine.insert_at(i, engine_hash, key, j)
-                if by_engine.view is not e_view:
-                    e_view = by_engine.view
-                    e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
-            else:
-                previous = e_keys[p]
-                e_keys[p] = key
-                e_ids[p] = j
+            previous = by_engine.get(engine_hash)
             if previous is not None and previous != key:
                 # The engine reuses a hash for other tokens (it restarted unseen): the
                 # old key must not stay held with no entry that could ever remove it.
                 self._release(previous, eb.slot)
+            by_engine[engine_hash] = key
+            old = holders.get(key)
+            # Reuse the endpoint's bit object for blocks only it holds: ~28 B saved each.
+            holders[key] = bit if old is None or old == bit else old | bit
         result.stored += len(keys)
-        if holders.count > self.capacity_blocks:
+        if len(holders) > self.capacity_blocks:
             self._evict()
 
     def _removed(self, eb: _EndpointBlocks, ev: BlockRemoved, result: ApplyResult) -> None:
         if ev.group_idx != 0:
             result.skipped += 1
             return
-        tier = 0 if ev.medium in (None, MEDIUM_GPU) else 1
-        bit, other_tier = eb.bits[tier], eb.bits[1 - tier]
+        bit = 1 << (2 * eb.slot + (0 if ev.medium in (None, MEDIUM_GPU) else 1))
         holders = self._holders
         by_engine = eb.by_engine_hash
-        e_view = by_engine.view
-        e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
-        t_keys, t_masks = holders.keys, holders.masks
-        removed = 0
+        both = 0b11 << (2 * eb.slot)
         for engine_hash in ev.block_hashes:
-            i = engine_hash * e_mult >> e_shift & e_mask
-            while True:
-                p = e_slots[i]
-                if not p or e_hashes[p] == engine_hash and e_live[p]:
-                    break
-                i = (i + 1) & e_mask
-            if not p:
-                key = by_engine.get(engine_hash)  # (None, unless not a uint64)
-                if key is None:
-                    result.unknown_removed += 1
-                    continue
-                if not holders.clear_bits(key, bit) & other_tier:
-                    by_engine.pop(engine_hash)
-                removed += 1
+            key = by_engine.get(engine_hash)
+            if key is None:
+                result.unknown_removed += 1
                 continue
-            key = e_keys[p]
-            j = e_ids[p]
-            if t_keys[j] != key or not t_masks[j]:  # the id no longer names the key
-                j = holders.find(key)[1]
-            old = t_masks[j]  # 0 when not held (then j is 0 too)
-            if old & bit:
-                if old == bit:
-                    holders.remove_id(j)
-                else:
-                    t_masks[j] = old & ~bit
-            if not old & other_tier:  # gone from every tier of this endpoint
-                by_engine.remove_at(p)
-                if by_engine.view is not e_view:
-                    e_view = by_engine.view
-                    e_slots, e_hashes, e_keys, e_ids, e_live, e_mask, e_mult, e_shift = e_view
-            removed += 1
-        result.removed += removed
+            mask = holders.get(key, 0) & ~bit
+            if mask:
+                holders[key] = mask
+            else:
+                holders.pop(key, None)
+            if not mask & both:  # gone from every tier of this endpoint
+                del by_engine[engine_hash]
+            result.removed += 1
 
     def _clear(self, eb: _EndpointBlocks) -> None:
-        self.pending_dropped += self._unpend_many(eb, list(eb.pending), None)
-        both = 0b11 << (2 * eb.slot)
-        clear_bits = self._holders.clear_bits
+        self.pending_dropped += len(eb.pending)
+        for key in list(eb.pending):
+            self._unpend(eb, key)
+        clear = ~(0b11 << (2 * eb.slot))
+        holders = self._holders
         for key in eb.by_engine_hash.values():
-            clear_bits(key, both)
+            mask = holders.get(key)
+            if mask is None:
+                continue
+            mask &= clear
+            if mask:
+                holders[key] = mask
+            else:
+                del holders[key]
         eb.by_engine_hash.clear()
 
     def clear_endpoint(self, endpoint: str) -> None:
@@ -368,9 +284,16 @@ class BlockIndex:
     def _release(self, key: int, slot: int) -> bool:
         """Take both tiers' bits of ``slot`` off ``key``; drop the key when no one holds
         it (then True)."""
-        both = 0b11 << (2 * slot)
-        old = self._holders.clear_bits(key, both)
-        return bool(old) and not old & ~both
+        holders = self._holders
+        mask = holders.get(key)
+        if mask is None:
+            return False
+        mask &= ~(0b11 << (2 * slot))
+        if mask:
+            holders[key] = mask
+            return False
+        del holders[key]
+        return True
 
     def _evict(self) -> None:
         """Shrink to the capacity (less headroom) by evicting the oldest entries of the
@@ -388,13 +311,18 @@ class BlockIndex:
             # At most the overflow from one endpoint before looking again: several
             # endpoints holding the same blocks share the eviction.
             count = min(len(holders) - target, len(by_engine))
-            for key in by_engine.pop_oldest(count):
+            for engine_hash, key in list(itertools.islice(by_engine.items(), count)):
+                del by_engine[engine_hash]
                 self.evicted_by_capacity += self._release(key, largest.slot)
 
     def _evict_unowned(self, count: int) -> None:
         # Keys no endpoint entry names (none are expected: every store writes an entry
-        # and every overwrite releases the old key).
-        self.evicted_by_capacity += self._holders.discard_first(count)
+        # and every overwrite releases the old key); oldest-inserted first.
+        holders = self._holders
+        victims = list(itertools.islice(holders, count))
+        for key in victims:
+            del holders[key]
+        self.evicted_by_capacity += len(victims)
 
     # -- pending picks -----------------------------------------------------------------
 
@@ -408,24 +336,16 @@ class BlockIndex:
         expires = now + ttl_s
         gpu = eb.bits[0]
         both = 0b11 << (2 * eb.slot)
-        pending_tier, mine = self._pending, eb.pending
-        probe, table_keys, masks, offset, mask = self._holders.view
+        holders, pending_tier, mine = self._holders, self._pending, eb.pending
         added = []
         for key in keys:
-            s = key >> offset & mask  # BlockTable.get, written out (see match)
-            while True:
-                j = probe[s]
-                if not j or table_keys[j] == key:
-                    break
-                s = (s + 1) & mask
-            if not masks[j] & both:
-                added.append(key)
-        before = len(mine)
-        for key in added:
+            if holders.get(key, 0) & both:
+                continue
             if key not in mine:
                 pending_tier[key] = pending_tier.get(key, 0) | gpu
-        mine.update(dict.fromkeys(added, expires))
-        self._pending_count += len(mine) - before
+                self._pending_count += 1
+            mine[key] = expires
+            added.append(key)
         pick = PendingPick(endpoint, tuple(added), expires)
         if added:
             self.pending_added += len(added)
@@ -439,8 +359,13 @@ class BlockIndex:
         """The request behind ``pick`` failed: its pending entries go, unless a later
         pick of the same keys on the same endpoint renewed them."""
         eb = self._endpoints.get(pick.endpoint)
-        if eb is not None:
-            self.pending_dropped += self._unpend_many(eb, pick.keys, pick.expires)
+        if eb is None:
+            return
+        mine = eb.pending
+        for key in pick.keys:
+            if mine.get(key) == pick.expires:
+                self._unpend(eb, key)
+                self.pending_dropped += 1
 
     def _unpend(self, eb: _EndpointBlocks, key: int) -> None:
         del eb.pending[key]
@@ -451,26 +376,6 @@ class BlockIndex:
         else:
             self._pending.pop(key, None)
 
-    def _unpend_many(self, eb: _EndpointBlocks, keys: Iterable[int],
-                     expires: float | None) -> int:
-        """``_unpend`` for each of ``keys`` pending on ``eb`` with expiry ``expires`` (any
-        expiry: None). Returns how many went."""
-        mine, tier = eb.pending, self._pending
-        keep = ~eb.bits[0]
-        gone = 0
-        for key in keys:
-            at = mine.get(key)
-            if at is not None and (expires is None or at == expires):
-                del mine[key]
-                mask = tier.get(key, 0) & keep
-                if mask:
-                    tier[key] = mask
-                else:
-                    tier.pop(key, None)
-                gone += 1
-        self._pending_count -= gone
-        return gone
-
     def _expire(self, now: float, limit: int | None = None) -> None:
         """Drop pending entries whose expiry has passed (or, with ``limit``, that many
         entries from the soonest-expiring picks on)."""
@@ -479,8 +384,13 @@ class BlockIndex:
         while heap and (heap[0][0] <= now) and (limit is None or dropped < limit):
             expires, _, name, keys = heapq.heappop(heap)
             eb = self._endpoints.get(name)
-            if eb is not None:
-                dropped += self._unpend_many(eb, keys, expires)
+            if eb is None:
+                continue
+            mine = eb.pending
+            for key in keys:
+                if mine.get(key) == expires:
+                    self._unpend(eb, key)
+                    dropped += 1
         if limit is None:
             self.pending_expired += dropped
         else:
@@ -498,8 +408,15 @@ class BlockIndex:
         holders = self._holders
         forgotten = 0
         for key in keys:
-            if holders.clear_bits(key, both) & both:
-                forgotten += 1
+            mask = holders.get(key, 0)
+            if not mask & both:
+                continue
+            forgotten += 1
+            mask &= ~both
+            if mask:
+                holders[key] = mask
+            else:
+                del holders[key]
         self.corrected_blocks += forgotten
         return forgotten
 
@@ -521,6 +438,7 @@ class BlockIndex:
         want_any = 0
         for slot in slots.values():
             want_any |= 1 << (2 * slot)
+        holders = self._holders
         pending = self._pending
         alive_any = want_any  # GPU-bit positions of endpoints still matching (any tier)
         alive_gpu = want_any
@@ -529,37 +447,8 @@ class BlockIndex:
         end_gpu: dict[int, int] = {}
         end_exp: dict[int, int] = {}
         n = len(keys)
-        # BlockTable.get, written out: a call per key would cost as much as the probe.
-        probe, table_keys, masks, offset, mask = self._holders.view
-        # A key held by the same endpoints in the same tiers as the one before changes
-        # nothing, unless an endpoint is matching on pending blocks alone (then its pending
-        # entries are looked up key by key); runs of such keys are the common case. Once
-        # only such endpoints are left, a key pending on all of them needs no probe.
-        previous = -1
-        unchanged = False
         for i, key in enumerate(keys):
-            if not alive_any:  # (nor alive_gpu); alive_exp is not empty
-                pending_missing = alive_exp & ~pending.get(key, 0)
-                if not pending_missing:
-                    continue
-            s = key >> offset & mask
-            while True:
-                j = probe[s]
-                if not j or table_keys[j] == key:
-                    break
-                s = (s + 1) & mask
-            m = masks[j]
-            if not alive_any:
-                missing = pending_missing & ~((m | (m >> 1)) & want_any)
-                if missing:
-                    _record(missing, i, end_exp)
-                    alive_exp &= ~missing
-                    if not alive_exp:
-                        break
-                continue
-            if m == previous and unchanged:
-                continue
-            previous = m
+            m = holders.get(key, 0)
             present_any = (m | (m >> 1)) & want_any
             present_gpu = m & want_any
             if alive_gpu & ~present_gpu:
@@ -571,17 +460,12 @@ class BlockIndex:
             if alive_exp:
                 missing = alive_exp & ~present_any
                 if missing:  # only then can pending blocks matter
-                    unchanged = False
                     missing &= ~pending.get(key, 0)
                     if missing:
                         _record(missing, i, end_exp)
                         alive_exp &= ~missing
-                    if not alive_any and not alive_exp:
-                        break
-                    continue
             if not alive_any and not alive_exp:
                 break
-            unchanged = True
         if alive_any:
             _record(alive_any, n, end_any)
         if alive_gpu:

@@ -204,17 +204,6 @@ def test_a_forgotten_blocks_engine_entry_never_touches_the_block_that_took_its_p
         "a": EndpointMatch(0, 0), "b": EndpointMatch(1, 1)}
 
 
-def test_engine_hashes_outside_uint64_are_taken_modulo_2_64() -> None:
-    # The event decoder folds every hash to uint64; events built by hand may not be.
-    idx = BlockIndex(model="m")
-    idx.apply_batch("a", batch(stored([-1, 2**64 + 5], None, TOKENS[:8])))
-    r = idx.apply_batch("a", batch(stored([9], 5, TOKENS[8:12])))
-    assert r.stored == 1 and idx.blocks_of("a") == 3
-    idx.apply_batch("a", batch(BlockRemoved((2**64 - 1,))))
-    assert idx.match(request_keys(idx, TOKENS), ["a"])["a"].blocks == 0
-    assert idx.blocks_of("a") == 2
-
-
 def test_a_replayed_store_of_known_blocks_changes_nothing() -> None:
     idx = BlockIndex(model="m")
     events = batch(stored([1, 2, 3], None, TOKENS[:12]), stored([4], 3, TOKENS[12:16], "CPU"))
