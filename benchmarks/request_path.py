@@ -29,7 +29,8 @@ RESPONSE = json.dumps({"id": "x", "choices": [{"text": "a"}],
                        "usage": {"prompt_tokens": 250, "completion_tokens": 1}}).encode()
 
 
-async def per_request_us(requests: int) -> float:
+def build_director() -> Director:
+    """A Director with the built-in profile over 4 endpoints with fresh metrics."""
     metrics = EppMetrics()
     cfg = load_picker_config(timer=metrics.observe_plugin)
     pool = EndpointPool()
@@ -37,9 +38,13 @@ async def per_request_us(requests: int) -> float:
     for e in endpoints:
         e.state.update_metrics(ServerMetrics(scraped_at=time.monotonic() + 3600))
     pool.replace_all(endpoints)
-    director = Director(pool, cfg.scheduler, Admission({}, SaturationDetector(5, 0.8, 0.5)),
-                        metrics, producers=cfg.producers, pre_request=cfg.pre_request,
-                        response_complete=cfg.response_complete)
+    return Director(pool, cfg.scheduler, Admission({}, SaturationDetector(5, 0.8, 0.5)),
+                    metrics, producers=cfg.producers, pre_request=cfg.pre_request,
+                    response_complete=cfg.response_complete)
+
+
+async def per_request_us(requests: int) -> float:
+    director = build_director()
     wire = [m.SerializeToString() for m in (
         fe.request_headers(), fe.request_body(BODY, False), fe.request_body(b"", True),
         fe.response_headers(), fe.response_body(RESPONSE, False), fe.response_body(b"", True))]

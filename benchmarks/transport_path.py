@@ -24,13 +24,10 @@ from collections.abc import Sequence
 
 import hpack
 
-from epp.config.picker_config import load_picker_config
-from epp.datastore import Endpoint, EndpointPool, ServerMetrics
 from epp.devtools import fake_envoy as fe
 from epp.extproc.h2server import PROCESS_PATH, H2ExtProcServer
-from epp.observability.metrics import EppMetrics
-from epp.requestcontrol.admission import Admission, SaturationDetector
-from epp.requestcontrol.director import Director
+
+from request_path import build_director
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME = struct.Struct(">IBBI")  # length (24 bits, packed in 32 with type), type, flags, sid
@@ -118,22 +115,9 @@ class Exchange:
         self.response = response
 
 
-def director() -> Director:
-    metrics = EppMetrics()
-    cfg = load_picker_config(timer=metrics.observe_plugin)
-    pool = EndpointPool()
-    endpoints = [Endpoint(f"e{i}", f"10.0.0.{i + 1}:8000") for i in range(4)]
-    for e in endpoints:
-        e.state.update_metrics(ServerMetrics(scraped_at=time.monotonic() + 3600))
-    pool.replace_all(endpoints)
-    return Director(pool, cfg.scheduler, Admission({}, SaturationDetector(5, 0.8, 0.5)),
-                    metrics, producers=cfg.producers, pre_request=cfg.pre_request,
-                    response_complete=cfg.response_complete)
-
-
 async def run(requests: int, chunks: int, concurrency: int) -> tuple[float, float]:
     """CPU µs per request for the request phase, and for the response phase."""
-    server = H2ExtProcServer(director())
+    server = H2ExtProcServer(build_director())
     conn = server.connection_factory()
     transport = MemoryTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
