@@ -100,14 +100,19 @@ class UsageParser:
             return
         if b'"usage"' in data:
             for line in bytes(data[:end + 1]).splitlines():
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    if self._line is not None:
-                        self._decode(self._line)
-                    self._line = line
+                self._keep(line)
         if data is buf:
             del buf[:end + 1]
         elif end + 1 < len(data):
             buf += data[end + 1:]
+
+    def _keep(self, line: bytes) -> None:
+        """Keep an SSE line that carries usage, decoding the one it replaces (an earlier
+        valid usage must win over a later line that does not decode)."""
+        if line.startswith(b"data:") and b'"usage"' in line:
+            if self._line is not None:
+                self._decode(self._line)
+            self._line = line
 
     def _decode(self, line: bytes) -> None:
         payload = line[5:].strip()
@@ -122,11 +127,7 @@ class UsageParser:
         """Call at end of stream; returns the last usage seen, if any."""
         if self._sse:
             if not self._overflow and self._buf:
-                line = bytes(self._buf).strip()
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    if self._line is not None:
-                        self._decode(self._line)
-                    self._line = line
+                self._keep(bytes(self._buf).strip())
             if self._line is not None:
                 self._decode(self._line)
                 self._line = None
