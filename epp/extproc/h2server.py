@@ -50,7 +50,7 @@ from epp.supervise import LogLimiter
 
 log = logging.getLogger(__name__)
 
-PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+PROCESS_PATH = f"/{msg.SERVICE_NAME}/{msg.METHOD_NAME}".encode()
 # Flow-control windows we grant Envoy: large, so a 62 KB body chunk never waits for a
 # WINDOW_UPDATE round trip; we acknowledge consumed bytes as we go.
 RECEIVE_WINDOW = 16 * 1024 * 1024

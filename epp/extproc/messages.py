@@ -22,6 +22,9 @@ MAX_BODY_CHUNK = 62_000
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
+# The one gRPC method Envoy calls, named by the protos both transports serve.
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+METHOD_NAME = "Process"
 # What a stream answers with: a message, or one already serialized (see wire.py).
 Answer = ProcessingResponse | bytes
 

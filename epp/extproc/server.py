@@ -18,8 +18,6 @@ from epp.extproc.stream import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     """Runs one :class:`ProtocolStream` per Envoy stream (one stream per HTTP request)."""
@@ -60,4 +58,4 @@ def add_to_server(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:
         servicer.Process, request_deserializer=msg.ProcessingRequest.FromString,
         response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        SERVICE_NAME, {"Process": handler}),))
+        msg.SERVICE_NAME, {msg.METHOD_NAME: handler}),))
