@@ -150,6 +150,22 @@ async def ticker(stop: asyncio.Event, lateness: list[float]) -> None:
         lateness.append(time.perf_counter() - start - TICK_S)
 
 
+async def ticked(seconds: float) -> tuple[float, float, float, float]:
+    """Run the ticker for ``seconds``: (wall s, this process's CPU s, lateness p99 ms,
+    lateness max ms)."""
+    stop = asyncio.Event()
+    lateness: list[float] = []
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    tick = asyncio.create_task(ticker(stop, lateness))
+    await asyncio.sleep(seconds)
+    stop.set()
+    await tick
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    lateness.sort()
+    p99 = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))]
+    return wall, cpu, p99 * 1e3, lateness[-1] * 1e3
+
+
 async def measure(ports: list[int] | None, seconds: float, accept_gzip: bool = False) -> LoopRun:
     """Run the ticker for ``seconds``, scraping ``ports`` meanwhile (None: idle loop)."""
     pool = EndpointPool()
@@ -160,23 +176,14 @@ async def measure(ports: list[int] | None, seconds: float, accept_gzip: bool = F
         scraper = MetricsScraper(pool, interval_s=INTERVAL_S, accept_gzip=accept_gzip)
         await scraper.start()
         await asyncio.sleep(2 * INTERVAL_S)  # warm-up: connections open, phases spread
-    stop = asyncio.Event()
-    lateness: list[float] = []
     before_ok = scraper.stats.succeeded if scraper else 0
     before_failed = scraper.stats.failed if scraper else 0
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    tick = asyncio.create_task(ticker(stop, lateness))
-    await asyncio.sleep(seconds)
-    stop.set()
-    await tick
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    wall, cpu, p99_ms, max_ms = await ticked(seconds)
     scrapes = (scraper.stats.succeeded - before_ok) if scraper else 0
     failed = (scraper.stats.failed - before_failed) if scraper else 0
     if scraper is not None:
         await scraper.stop()
-    lateness.sort()
-    p99 = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))]
-    return LoopRun(wall, cpu, scrapes, failed, p99 * 1e3, lateness[-1] * 1e3)
+    return LoopRun(wall, cpu, scrapes, failed, p99_ms, max_ms)
 
 
 async def scrape_run(endpoints: int, seconds: float, compress: bool) -> LoopRun:
@@ -281,14 +288,7 @@ async def metrics_lag(url: str | None, interval: float, seconds: float
                                    "--interval", str(interval)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         await asyncio.sleep(0.5)
-    stop = asyncio.Event()
-    lateness: list[float] = []
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    tick = asyncio.create_task(ticker(stop, lateness))
-    await asyncio.sleep(seconds)
-    stop.set()
-    await tick
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    wall, cpu, p99_ms, max_ms = await ticked(seconds)
     count, mean = 0, 0.0
     if client is not None:
         assert client.stdin is not None and client.stdout is not None
@@ -296,9 +296,7 @@ async def metrics_lag(url: str | None, interval: float, seconds: float
         out = await asyncio.get_running_loop().run_in_executor(None, client.stdout.read)
         client.wait(timeout=20)
         count, mean = int(out.split()[0]), float(out.split()[1])
-    lateness.sort()
-    p99 = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))]
-    return LoopRun(wall, cpu, count, 0, p99 * 1e3, lateness[-1] * 1e3), count, mean
+    return LoopRun(wall, cpu, count, 0, p99_ms, max_ms), count, mean
 
 
 async def app_metrics_runs(endpoints: int, seconds: float
