@@ -332,12 +332,6 @@ class _Connection(asyncio.Protocol):
             if not self._send_headers(sid, _GRPC_HEADERS, block=_GRPC_HEADERS_BLOCK):
                 return
             stream.headers_sent = True
-        if len(responses) == 1:
-            response = responses[0]
-            payload = response if type(response) is bytes else \
-                response.SerializeToString()  # type: ignore[union-attr]
-            self._send_data(sid, stream, _PREFIX.pack(0, len(payload)) + payload)
-            return
         parts = []
         for response in responses:
             payload = response if type(response) is bytes else \

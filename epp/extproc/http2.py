@@ -190,10 +190,9 @@ class ServerConnection:
         # Inbound: what we let the peer send.
         self._max_concurrent = max_concurrent_streams
         self._stream_window = initial_stream_window
-        self._conn_granted = DEFAULT_WINDOW + max(0, connection_window - DEFAULT_WINDOW)
+        self._conn_granted = max(DEFAULT_WINDOW, connection_window)
         self._recv_window = DEFAULT_WINDOW
         self._recv_unacked = 0
-        self._pending_conn_grant = self._conn_granted - DEFAULT_WINDOW
         self._decoder = hpack.Decoder()
         # Header blocks made only of table references, decoded: they leave the table as
         # it is, so the same bytes decode the same until a block that is not one of them
@@ -218,10 +217,10 @@ class ServerConnection:
             _SETTING.pack(SETTINGS_MAX_HEADER_LIST_SIZE, self._max_header_list),
         ))
         self._out.append(frame_header(len(settings), SETTINGS, 0, 0) + settings)
-        if self._pending_conn_grant:
-            self._window_update(0, self._pending_conn_grant)
-            self._recv_window += self._pending_conn_grant
-            self._pending_conn_grant = 0
+        grant = self._conn_granted - self._recv_window
+        if grant > 0:  # widen the connection window from the default to what we grant
+            self._window_update(0, grant)
+            self._recv_window += grant
 
     def data_to_send(self) -> bytes:
         """Everything queued for the socket since the last call."""
@@ -497,7 +496,7 @@ class ServerConnection:
             events.append((EV_RESET, sid, code))
 
     def _connection_error(self, code: int, message: str) -> ConnectionError:
-        self._out.append(self._goaway_frame(code))
+        self._out.append(self.goaway_frame(code))
         return ConnectionError(code, message)
 
     # -- flow control (inbound) ---------------------------------------------------------
@@ -621,9 +620,6 @@ class ServerConnection:
 
     def goaway_frame(self, code: int = NO_ERROR) -> bytes:
         """A GOAWAY naming the last stream we accepted (not queued)."""
-        return self._goaway_frame(code)
-
-    def _goaway_frame(self, code: int) -> bytes:
         return frame_header(8, GOAWAY, 0, 0) + _GOAWAY.pack(self.highest_inbound_stream_id,
                                                             code)
 
