@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Debug endpoint on the metrics port (off by default: it reveals pool internals).
 EXPLAIN_PATH = "/debug/explain"
+# A handler of the metrics port's HTTP server.
+HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _GRPC_OPTIONS = [
     # A 62,000-byte body chunk plus headers fits easily; allow Envoy's larger messages.
@@ -262,22 +265,9 @@ class App:
         return bound
 
     async def _start_metrics(self) -> int:
-        app = web.Application(
-            middlewares=[self.metrics_auth.middleware] if self.metrics_auth else [])
-        app.router.add_get("/metrics", self._metrics_handler)
-        if self.settings.enable_explain:
-            app.router.add_post(EXPLAIN_PATH, self._explain_handler)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        if self.settings.worker is not None:
-            await web.UnixSite(self._http, self.settings.worker.metrics_socket).start()
-            return 0
-        site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
-        await site.start()
-        server = site._server  # aiohttp exposes bound sockets only here
-        sockets = getattr(server, "sockets", None)
-        assert sockets
-        return int(sockets[0].getsockname()[1])
+        self._http, port = await start_metrics_http(
+            self.settings, self._metrics_handler, self._explain_handler, self.metrics_auth)
+        return port
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         # On the loop (collectors read live state the loop mutates), in slices short
@@ -371,6 +361,33 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
 def build_app(settings: EppSettings) -> App:
     """Construct (not start) an endpoint picker from settings."""
     return App(settings)
+
+
+async def start_metrics_http(settings: EppSettings, metrics: HttpHandler,
+                             explain: HttpHandler,
+                             auth: MetricsAuthenticator | None) -> tuple[web.AppRunner, int]:
+    """Start the metrics port's HTTP server: ``GET /metrics``, ``POST /debug/explain``
+    with ``--enable-explain``, behind ``auth`` when given. A worker serves it on its
+    unix socket (port 0 returned); anything else on ``bind_address:metrics_port``
+    (the bound port returned)."""
+    app = web.Application(middlewares=[auth.middleware] if auth is not None else [])
+    app.router.add_get("/metrics", metrics)
+    if settings.enable_explain:
+        app.router.add_post(EXPLAIN_PATH, explain)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        if settings.worker is not None:
+            await web.UnixSite(runner, settings.worker.metrics_socket).start()
+            return runner, 0
+        site = web.TCPSite(runner, settings.bind_address, settings.metrics_port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    sockets = getattr(site._server, "sockets", None)  # aiohttp exposes them only here
+    assert sockets
+    return runner, int(sockets[0].getsockname()[1])
 
 
 def settle_heap() -> None:

@@ -60,7 +60,7 @@ from epp.discovery.kubernetes import load_api_client
 from epp.extproc.certs import CertificateError, ExtProcTls, ServerCertificate
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
-from epp.runner import EXPLAIN_PATH, build_app
+from epp.runner import build_app, start_metrics_http
 from epp.workers.merge import Carry, Page, PageError, merge_pages, parse_page, render_page, \
     sample_total
 from epp.workers.worker import WorkerSetup
@@ -490,18 +490,9 @@ class Supervisor:
     # --- /metrics and /debug/explain -----------------------------------------------
 
     async def _start_metrics(self) -> int:
-        app = web.Application(
-            middlewares=[self.metrics_auth.middleware] if self.metrics_auth else [])
-        app.router.add_get("/metrics", self._metrics_handler)
-        if self.settings.enable_explain:
-            app.router.add_post(EXPLAIN_PATH, self._explain_handler)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.bind_address, self.settings.metrics_port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # bound sockets are only here
-        assert sockets
-        return int(sockets[0].getsockname()[1])
+        self._http, port = await start_metrics_http(
+            self.settings, self._metrics_handler, self._explain_handler, self.metrics_auth)
+        return port
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         async with self._scrape_lock:  # one merge at a time: the carry changes between
