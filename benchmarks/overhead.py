@@ -50,7 +50,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,23 +352,37 @@ def start_round_robin_envoy(work_dir: Path, listen_port: int, admin_port: int,
     return proc
 
 
-def start_workers_envoy(stack: LocalStack) -> None:
-    """Start the stack's Envoy on one worker thread, with few ext_proc streams per HTTP/2
-    connection so that several connections reach the EPP's workers."""
+def start_tuned_envoy(stack: LocalStack, tune: Callable[[dict[str, Any]], None],
+                      concurrency: int) -> Process:
+    """Start an Envoy for ``stack`` whose picker cluster's HTTP protocol options ``tune``
+    changes in place, and wait until it is live."""
     p = stack.ports
     config = envoy_cfg.epp_config(p.envoy, p.epp_grpc, p.envoy_admin, stack.epp_tls)
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "endpoint_picker":
-            options = cluster["typed_extension_protocol_options"][
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-            options["explicit_http_config"]["http2_protocol_options"] = {
-                "max_concurrent_streams": WORKERS_STREAMS_PER_CONNECTION}
+            tune(cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"])
     path = envoy_cfg.write_config(config, stack.work_dir / "envoy.yaml")
-    stack.envoy = Process("envoy", [
+    envoy = Process("envoy", [
         envoy_cfg.envoy_binary(), "-c", str(path), "--disable-hot-restart",
-        "--concurrency", str(WORKERS_ENVOY_THREADS), "--log-level", "warn",
+        "--concurrency", str(concurrency), "--log-level", "warn",
     ], stack.work_dir)
-    wait_for_http(f"http://127.0.0.1:{p.envoy_admin}/ready", expect=b"LIVE")
+    try:
+        wait_for_http(f"http://127.0.0.1:{p.envoy_admin}/ready", expect=b"LIVE")
+    except BaseException:
+        envoy.stop()
+        raise
+    return envoy
+
+
+def start_workers_envoy(stack: LocalStack) -> None:
+    """Start the stack's Envoy on one worker thread, with few ext_proc streams per HTTP/2
+    connection so that several connections reach the EPP's workers."""
+    def few_streams(options: dict[str, Any]) -> None:
+        options["explicit_http_config"]["http2_protocol_options"] = {
+            "max_concurrent_streams": WORKERS_STREAMS_PER_CONNECTION}
+
+    stack.envoy = start_tuned_envoy(stack, few_streams, WORKERS_ENVOY_THREADS)
 
 
 def restart_sims(stack: LocalStack, args: Sequence[str]) -> None:

@@ -31,37 +31,33 @@ import os
 import platform
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loadgen import run_closed_loop
+from overhead import envoy_stats, start_tuned_envoy, worker_requests
 
-from epp.devtools import envoy as envoy_cfg
-from epp.devtools.procs import Process, wait_for_http
 from epp.devtools.stack import LocalStack, StackPorts
 
 SIM_ARGS = ("--ttft-ms", "0", "--max-tokens", "1", "--tokenizer", "bytes",
             "--prefill-tokens-per-s", "0", "--no-enable-prefix-caching", "--max-num-seqs", "64")
 CONCURRENCY = 16
-OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _shipped(cluster: dict[str, Any]) -> None:
+def _shipped(options: dict[str, Any]) -> None:
     pass
 
 
-def _max_streams(cluster: dict[str, Any]) -> None:
-    cluster["typed_extension_protocol_options"][OPTIONS_KEY]["explicit_http_config"][
-        "http2_protocol_options"] = {"max_concurrent_streams": 8}
+def _max_streams(options: dict[str, Any]) -> None:
+    options["explicit_http_config"]["http2_protocol_options"] = {"max_concurrent_streams": 8}
 
 
-def _recycle(cluster: dict[str, Any]) -> None:
-    cluster["typed_extension_protocol_options"][OPTIONS_KEY][
-        "common_http_protocol_options"] = {"max_requests_per_connection": 1000}
+def _recycle(options: dict[str, Any]) -> None:
+    options["common_http_protocol_options"] = {"max_requests_per_connection": 1000}
 
 
+# Each changes the picker cluster's HTTP protocol options in place.
 SETTINGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "shipped": _shipped,
     "max_concurrent_streams: 8": _max_streams,
@@ -69,40 +65,15 @@ SETTINGS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-def worker_requests(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("epp_worker_requests_total{"):
-            worker = line.split('worker="', 1)[1].split('"', 1)[0]
-            out[worker] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def picker_connections(admin_port: int) -> int:
-    url = f"http://127.0.0.1:{admin_port}/stats?format=json&filter=endpoint_picker.upstream_cx_total"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        stats = json.load(r)["stats"]
-    return int(next(s["value"] for s in stats if s.get("name", "").endswith("upstream_cx_total")))
-
-
-def run_cell(stack: LocalStack, work: Path, setting: Callable[[dict[str, Any]], None],
+def run_cell(stack: LocalStack, setting: Callable[[dict[str, Any]], None],
              concurrency: int, seconds: float, bodies: list[bytes]) -> tuple[list[float], int, float]:
     p = stack.ports
-    config = envoy_cfg.epp_config(p.envoy, p.epp_grpc, p.envoy_admin)
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "endpoint_picker":
-            setting(cluster)
-    path = envoy_cfg.write_config(config, work / "envoy.yaml")
-    envoy = Process("envoy", [envoy_cfg.envoy_binary(), "-c", str(path), "--disable-hot-restart",
-                              "--concurrency", str(concurrency), "--log-level", "warn"], work)
+    envoy = start_tuned_envoy(stack, setting, concurrency)
     try:
-        wait_for_http(f"http://127.0.0.1:{p.envoy_admin}/ready", expect=b"LIVE")
         before = worker_requests(p.epp_metrics)
         result = run_closed_loop(f"{stack.url}/v1/completions", bodies, CONCURRENCY, seconds)
         after = worker_requests(p.epp_metrics)
-        connections = picker_connections(p.envoy_admin)
+        connections = envoy_stats(p.envoy_admin)["upstream_cx_total"]
     finally:
         envoy.stop()
     routed = [after[w] - before.get(w, 0.0) for w in sorted(after, key=int)]
@@ -130,7 +101,7 @@ def main() -> None:
                 for concurrency in (int(c) for c in args.envoy_concurrency.split(",")):
                     for _ in range(args.repeats):
                         routed, connections, rate = run_cell(
-                            stack, work, setting, concurrency, args.seconds, bodies)
+                            stack, setting, concurrency, args.seconds, bodies)
                         total = sum(routed) or 1.0
                         rows.append((name, concurrency, connections, routed,
                                      max(routed) / total, rate))
