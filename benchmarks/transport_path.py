@@ -26,15 +26,21 @@ import hpack
 
 from epp.devtools import fake_envoy as fe
 from epp.extproc.h2server import PROCESS_PATH, H2ExtProcServer
+from epp.extproc.http2 import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    MAX_WINDOW,
+    PREFACE,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame_header,
+)
 
 from request_path import build_director
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME = struct.Struct(">IBBI")  # length (24 bits, packed in 32 with type), type, flags, sid
 _GRPC = struct.Struct(">BI")
-DATA, HEADERS, SETTINGS, WINDOW_UPDATE = 0, 1, 4, 8
-END_STREAM, END_HEADERS = 0x1, 0x4
-MAX_WINDOW = 2**31 - 1
 BODY = json.dumps({"model": "qwen3", "prompt": "x" * 1000, "max_tokens": 200}).encode()
 # Headers Envoy's ext_proc filter forwards for a typical client request.
 ENVOY_HEADERS = {"user-agent": "python-httpx/0.28.1", "accept": "*/*",
@@ -44,8 +50,7 @@ ENVOY_HEADERS = {"user-agent": "python-httpx/0.28.1", "accept": "*/*",
 
 def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
     """One HTTP/2 frame."""
-    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + \
-        struct.pack(">I", sid) + payload
+    return frame_header(len(payload), kind, flags, sid) + payload
 
 
 def grpc_data(sid: int, message: bytes, end_stream: bool = False) -> bytes:
