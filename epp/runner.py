@@ -209,11 +209,8 @@ class App:
             self.grpc_port = await self._h2.start(s.bind_address, s.grpc_port,
                                                   reuse_port=worker is not None)
         if worker is None:  # a worker's supervisor serves health for all of them
-            self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
-            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer,
-                                                         self._health_server)
-            self.health_port = self._bind(self._health_server, s.health_port)
-            await self._health_server.start()
+            self._health_server, self.health_port = await start_health_server(
+                self.health, s.bind_address, s.health_port)
         self.metrics_port = await self._start_metrics()
         self._on_pool_change(self.pool.snapshot())
         if worker is None:
@@ -361,6 +358,19 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
 def build_app(settings: EppSettings) -> App:
     """Construct (not start) an endpoint picker from settings."""
     return App(settings)
+
+
+async def start_health_server(health: HealthReporter, bind_address: str,
+                              port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the cleartext gRPC health port on ``bind_address:port``; the bound port is
+    returned. OSError when the port is taken."""
+    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    bound = server.add_insecure_port(f"{bind_address}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {bind_address}:{port}")
+    await server.start()
+    return server, bound
 
 
 async def start_metrics_http(settings: EppSettings, metrics: HttpHandler,

@@ -50,7 +50,6 @@ from typing import IO
 import aiohttp
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -60,7 +59,7 @@ from epp.discovery.kubernetes import load_api_client
 from epp.extproc.certs import CertificateError, ExtProcTls, ServerCertificate
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
-from epp.runner import build_app, start_metrics_http
+from epp.runner import build_app, start_health_server, start_metrics_http
 from epp.workers.merge import Carry, Page, PageError, merge_pages, parse_page, render_page, \
     sample_total
 from epp.workers.worker import WorkerSetup
@@ -237,14 +236,8 @@ class Supervisor:
         self._reserved = reserve_port(s.bind_address, s.grpc_port)
         self.grpc_port = int(self._reserved.getsockname()[1])
         await self.health.start()
-        self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer,
-                                                     self._health_server)
-        address = f"{s.bind_address}:{s.health_port}"
-        self.health_port = self._health_server.add_insecure_port(address)
-        if self.health_port == 0:
-            raise OSError(f"cannot bind gRPC port {address}")
-        await self._health_server.start()
+        self._health_server, self.health_port = await start_health_server(
+            self.health, s.bind_address, s.health_port)
         self._dir = tempfile.mkdtemp(prefix="epp-workers-")  # 0700: the pages are private
         for index in range(s.workers):
             connector = aiohttp.UnixConnector(
