@@ -241,17 +241,9 @@ class ReplicaSync:
         """Publish that a request whose route was published has prefilled (its first
         response bytes came), as this replica's own load accounting does."""
         sent = ctx.cycle.get(SYNC_REQUEST_KEY)
-        if sent is None:
-            return
-        try:
-            if not self.connected:
-                self.stats.dropped["disconnected"] += 1
-                return
-            self._enqueue("prefilled", wire.prefilled(self.replica_id, sent[0]))
-        except Exception:
-            self.stats.dropped["error"] += 1
-            self._logs.warning("first-bytes", "replica sync: cannot publish a prefill",
-                               exc_info=True)
+        if sent is not None:
+            self._queue_from_hook("prefilled", "a prefill",
+                          lambda: wire.prefilled(self.replica_id, sent[0]))
 
     def response_complete(self, ctx: Any, result: Any, status: int, usage: Any) -> None:
         """Publish that a request whose route was published ended, and whether it failed
@@ -261,15 +253,19 @@ class ReplicaSync:
             return
         request, endpoint = sent
         failed = status == 0 or status >= 400 or ctx.cycle.get(SERVED_ENDPOINT_KEY) != endpoint
+        self._queue_from_hook("done", "a completion",
+                      lambda: wire.done(self.replica_id, request, failed))
+
+    def _queue_from_hook(self, kind: str, what: str, encode: Callable[[], bytes]) -> None:
+        """Queue one message from a response hook: never raises, counts what it drops."""
         try:
             if not self.connected:
                 self.stats.dropped["disconnected"] += 1
                 return
-            self._enqueue("done", wire.done(self.replica_id, request, failed))
+            self._enqueue(kind, encode())
         except Exception:
             self.stats.dropped["error"] += 1
-            self._logs.warning("response-complete", "replica sync: cannot publish a "
-                               "completion", exc_info=True)
+            self._logs.warning(kind, f"replica sync: cannot publish {what}", exc_info=True)
 
     def _enqueue(self, kind: str, payload: bytes) -> bool:
         if not self._outbox.put(kind, payload):
