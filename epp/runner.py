@@ -239,13 +239,7 @@ class App:
                                   self_signed=True)
             log.info("ext_proc serves %s", self.tls.describe())
             return
-        try:
-            # Off the loop: file reads, a hostname lookup, key generation.
-            self.tls = await asyncio.to_thread(
-                ExtProcTls.create, s.cert_path, enable_reload=s.enable_cert_reload,
-                min_version=s.tls_min_version)
-        except CertificateError as exc:
-            raise ConfigError(str(exc)) from None
+        self.tls = await create_tls(s)
         log.info("ext_proc serves %s", self.tls.describe())
         if self.tls.reloader is not None:
             self._tls_watch = asyncio.get_running_loop().create_task(supervised(
@@ -358,6 +352,18 @@ def build_picker_config(settings: EppSettings, metrics: EppMetrics) -> PickerCon
 def build_app(settings: EppSettings) -> App:
     """Construct (not start) an endpoint picker from settings."""
     return App(settings)
+
+
+async def create_tls(settings: EppSettings) -> ExtProcTls:
+    """The ext_proc port's TLS: ``--cert-path``'s certificate or a new self-signed one.
+    ConfigError when the certificate cannot be read."""
+    try:
+        # Off the loop: file reads, a hostname lookup, key generation.
+        return await asyncio.to_thread(
+            ExtProcTls.create, settings.cert_path, enable_reload=settings.enable_cert_reload,
+            min_version=settings.tls_min_version)
+    except CertificateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 async def start_health_server(health: HealthReporter, bind_address: str,

@@ -53,13 +53,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from epp.config import ConfigError, EppSettings
+from epp.config import EppSettings
 from epp.config.settings import WorkerRole
 from epp.discovery.kubernetes import load_api_client
-from epp.extproc.certs import CertificateError, ExtProcTls, ServerCertificate
+from epp.extproc.certs import ServerCertificate
 from epp.observability.health import HealthReporter
 from epp.observability.metrics_auth import MetricsAuthenticator
-from epp.runner import build_app, start_health_server, start_metrics_http
+from epp.runner import build_app, create_tls, start_health_server, start_metrics_http
 from epp.workers.merge import Carry, Page, PageError, merge_pages, parse_page, render_page, \
     sample_total
 from epp.workers.worker import WorkerSetup
@@ -264,12 +264,7 @@ class Supervisor:
         app = build_app(s)  # constructs only: config, plugins, endpoints file
         await asyncio.to_thread(app.tracer.shutdown)
         if s.secure_serving:
-            try:
-                tls = await asyncio.to_thread(
-                    ExtProcTls.create, s.cert_path, enable_reload=s.enable_cert_reload,
-                    min_version=s.tls_min_version)
-            except CertificateError as exc:
-                raise ConfigError(str(exc)) from None
+            tls = await create_tls(s)
             log.info("ext_proc serves %s, in every worker", tls.describe())
             if s.cert_path is None:
                 self._certificate = tls.certificate
