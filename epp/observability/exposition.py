@@ -49,9 +49,6 @@ async def render_latest(registry: Collector, slice_s: float = RENDER_SLICE_S) ->
             if clock() > until:
                 await asyncio.sleep(0)
                 until = clock() + slice_s
-        if clock() > until:
-            await asyncio.sleep(0)
-            until = clock() + slice_s
     return "".join(out).encode("utf-8")
 
 
