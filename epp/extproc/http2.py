@@ -26,7 +26,7 @@ framing, stream states and flow control.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 import hpack
 from hpack.exceptions import HPACKError, OversizedHeaderListError
@@ -368,7 +368,7 @@ class ServerConnection:
         if headers is None:
             # Decode even for streams we refuse: the peer's HPACK table changes either way.
             try:
-                headers = self._decoder.decode(block, raw=True)
+                headers = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
             except OversizedHeaderListError:
                 raise self._connection_error(ENHANCE_YOUR_CALM,
                                              "header list too large") from None

@@ -126,7 +126,9 @@ class KVEventsCollector(Collector):
 
 
 class _IndexState(Protocol):
-    pending_entries: int
+    @property
+    def pending_entries(self) -> int: ...
+
     pending_added: int
     pending_confirmed: int
     pending_expired: int

@@ -85,11 +85,13 @@ class NoHitLRUScorer:
             return [NEUTRAL_SCORE] * n
         if n == 1:
             return [1.0]
-        last = [self._last(e) for e in endpoints]
-        # Never used (None) before used; used by when they last got a cold request;
-        # the candidate order breaks ties among the never used.
-        order = sorted(range(n), key=lambda i: (0, 0.0, 0, i) if last[i] is None
-                       else (1, *last[i], i))
+        # Never used before used; used by when they last got a cold request; the
+        # candidate order breaks ties among the never used.
+        keys = []
+        for i, e in enumerate(endpoints):
+            last = self._last(e)
+            keys.append((0, 0.0, 0, i) if last is None else (1, last[0], last[1], i))
+        order = sorted(range(n), key=keys.__getitem__)
         scores = [0.0] * n
         for rank, i in enumerate(order):
             scores[i] = 1.0 - rank / (n - 1)
